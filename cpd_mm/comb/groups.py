@@ -1,0 +1,228 @@
+"""Coupled channel groups: the result of combing a model.
+
+A *channel* is an equivalence class of atoms.  A :class:`ChannelGroup` is the
+set of channels created by the same stop ops (producers whose outputs meet at
+coupling ops: a residual stream is one group).  Its members are the producers,
+the consumers reading it, channel-wise layers (norms, depthwise convs) and
+passengers (parameters indexed by the same channels).
+"""
+from collections import OrderedDict, defaultdict
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from .space import UnionFind
+
+
+class ChannelGroup:
+    """One coupled group.
+
+    Attributes:
+        name (str): stable id, the first producer's module name.
+        classes (np.ndarray): global channel ids, one per group channel.
+        frozen (np.ndarray): bool per channel, never pruned.
+        reasons (list[str]): why channels are frozen.
+        producers, consumers, channelwise, passengers (list[str]): members.
+        granularity (str): what a channel spans (conv groups, heads ...).
+        numel_per_channel (int): activation elements per channel summed over
+            producers (for B=1 at the traced size): the memory cost unit.
+    """
+
+    def __init__(self, name: str, classes: np.ndarray):
+        self.name = name
+        self.classes = classes
+        self.frozen = np.zeros(len(classes), dtype=bool)
+        self.reasons: List[str] = []
+        self.producers: List[str] = []
+        self.consumers: List[str] = []
+        self.channelwise: List[str] = []
+        self.passengers: List[str] = []
+        self.granularity = 'channel'
+        self.numel_per_channel = 0
+
+    @property
+    def size(self) -> int:
+        return len(self.classes)
+
+    @property
+    def prunable(self) -> bool:
+        return int((~self.frozen).sum()) > 1
+
+    def __repr__(self):
+        return (f'ChannelGroup({self.name!r}, size={self.size}, '
+                f'frozen={int(self.frozen.sum())}, '
+                f'producers={len(self.producers)}, '
+                f'consumers={len(self.consumers)})')
+
+
+class CombResult:
+    """Groups of a traced model plus what gating and surgery need."""
+
+    def __init__(self, tracer, input_shape):
+        self.input_shape = list(input_shape)
+        uf: UnionFind = tracer.uf
+        n_atoms = len(uf.parent)
+        roots = uf.find(np.arange(n_atoms))
+        _, self.class_of_atom = np.unique(roots, return_inverse=True)
+        self.num_classes = int(self.class_of_atom.max() + 1) if n_atoms else 0
+        self.records = tracer.records
+        self.sites = tracer.sites
+        self.masked_norms = sorted(tracer.masked_norms)
+        self.sdpa = tracer.sdpa
+        self.views = tracer.views
+        self.unhandled_ops = dict(tracer.unhandled_ops)
+        self.passengers = tracer.passengers
+        self._build(tracer)
+
+    # ------------------------------------------------------------ helpers
+    def classes(self, atoms: np.ndarray) -> np.ndarray:
+        atoms = np.asarray(atoms)
+        out = np.full(atoms.shape, -1, dtype=np.int64)
+        ok = atoms >= 0
+        out[ok] = self.class_of_atom[atoms[ok]]
+        return out
+
+    def keep_fn(self, kept_classes: np.ndarray):
+        """``keep(atoms) -> bool mask``: atoms without a channel are kept."""
+        def keep(atoms):
+            c = self.classes(atoms)
+            return np.where(c >= 0, kept_classes[np.maximum(c, 0)], True)
+        return keep
+
+    # ------------------------------------------------------------ building
+    def _build(self, tracer):
+        frozen = np.zeros(self.num_classes, dtype=bool)
+        why = defaultdict(set)
+        for atoms, reason in tracer.frozen:
+            c = self.classes(atoms)
+            frozen[c] = True
+            for k in np.unique(c):
+                why[int(k)].add(reason)
+        self.frozen_classes = frozen
+        # groups: union classes appearing in the same producer output
+        guf = UnionFind()
+        guf.new(self.num_classes)
+        for p in tracer.producers:
+            c = self.classes(p['atoms'])
+            c = c[c >= 0]
+            if c.size:
+                guf.union(np.full(c.size, c[0]), c)
+        groot = guf.find(np.arange(self.num_classes))
+        order: Dict[int, List[int]] = OrderedDict()
+        seen = set()
+        first_producer = {}
+        for p in tracer.producers:
+            for c in self.classes(p['atoms']):
+                if c < 0:
+                    continue
+                r = int(groot[c])
+                first_producer.setdefault(r, p['name'])
+                if c not in seen:
+                    seen.add(int(c))
+                    order.setdefault(r, []).append(int(c))
+        self.groups: List[ChannelGroup] = []
+        self.group_of_class = np.full(self.num_classes, -1, dtype=np.int64)
+        self.channel_of_class = np.full(self.num_classes, -1, dtype=np.int64)
+        names = set()
+        for r, cls in order.items():
+            name = first_producer[r]
+            while name in names:  # a module producing two groups
+                name += "'"
+            names.add(name)
+            g = ChannelGroup(name, np.asarray(cls, dtype=np.int64))
+            g.frozen = frozen[g.classes]
+            g.reasons = sorted(set().union(*[why[c] for c in cls]))
+            self.group_of_class[g.classes] = len(self.groups)
+            self.channel_of_class[g.classes] = np.arange(len(cls))
+            self.groups.append(g)
+        # members for reports and importance
+        for p in tracer.producers:
+            for gi in self._groups_of(p['atoms']):
+                g = self.groups[gi]
+                g.producers.append(p['name'])
+                g.numel_per_channel += p['numel_per_channel']
+                c = self.classes(p['atoms'])
+                per = len(c) // max(len(np.unique(c[c >= 0])), 1)
+                if per > 1 and g.granularity == 'channel':
+                    # a channel spans the same position of every conv group
+                    g.granularity = f'{per} conv groups'
+        for name, rec in self.records.items():
+            if 'in' in rec and not rec.get('dw') and rec['kind'] != 'norm':
+                for gi in self._groups_of(rec['in']):
+                    self.groups[gi].consumers.append(name)
+        for cw in tracer.channelwise:
+            for gi in self._groups_of(cw['atoms']):
+                self.groups[gi].channelwise.append(cw['name'])
+        for ps in self.passengers:
+            for gi in self._groups_of(ps['atoms']):
+                if ps['name'] not in self.groups[gi].passengers:
+                    self.groups[gi].passengers.append(ps['name'])
+        for s in self.sdpa:
+            c = self.classes(s['q_ids']).ravel()
+            c = c[c >= 0]
+            for gi in np.unique(self.group_of_class[c]):
+                heads = s['q_ids'].size // max(s['head_dim'], 1)
+                self.groups[gi].granularity = \
+                    f'head dims (uniform over {heads} head(s))'
+        self.channelwise = tracer.channelwise
+        self.producers = tracer.producers
+
+    def _groups_of(self, atoms):
+        c = self.classes(atoms)
+        c = c[c >= 0]
+        g = np.unique(self.group_of_class[c])
+        return [int(x) for x in g if x >= 0]
+
+    # ------------------------------------------------------------ queries
+    def group(self, name: str) -> ChannelGroup:
+        for g in self.groups:
+            if g.name == name:
+                return g
+        raise KeyError(f'no channel group named {name!r}')
+
+    @property
+    def prunable_groups(self) -> List[ChannelGroup]:
+        return [g for g in self.groups if g.prunable]
+
+    def frozen_reasons(self) -> Dict[str, int]:
+        """Reason -> number of frozen channels (for reports)."""
+        out = defaultdict(int)
+        for g in self.groups:
+            for r in g.reasons:
+                out[r] += int(g.frozen.sum())
+        return dict(out)
+
+    def kept_classes_from_plan(self, plan: dict) -> np.ndarray:
+        """Global keep-mask from a plan ``{'groups': {name: {'kept': [...]}}}``."""
+        kept = np.ones(self.num_classes, dtype=bool)
+        for gname, entry in plan.get('groups', {}).items():
+            g = self.group(gname)
+            if int(entry.get('num_channels', g.size)) != g.size:
+                raise ValueError(
+                    f'plan group {gname!r} has {entry["num_channels"]} '
+                    f'channels but the model has {g.size}')
+            keep = np.zeros(g.size, dtype=bool)
+            idx = np.asarray(entry['kept'], dtype=np.int64)
+            if idx.size == 0 or idx.min() < 0 or idx.max() >= g.size:
+                raise ValueError(f'plan group {gname!r}: kept indices must '
+                                 f'be in [0, {g.size}) and non-empty')
+            keep[idx] = True
+            if (~keep & g.frozen).any():
+                raise ValueError(f'plan group {gname!r} removes frozen '
+                                 'channels')
+            kept[g.classes] = keep
+        return kept
+
+    def plan_from_kept(self, kept: np.ndarray,
+                       meta: Optional[dict] = None) -> dict:
+        groups = {}
+        for g in self.groups:
+            k = kept[g.classes]
+            if not k.all():
+                groups[g.name] = dict(num_channels=int(g.size),
+                                      kept=[int(i) for i in np.nonzero(k)[0]])
+        plan = dict(format='cpd_mm.plan/v1', input_shape=self.input_shape,
+                    groups=groups)
+        if meta:
+            plan.update(meta)
+        return plan

@@ -1,0 +1,270 @@
+"""CPDPruningHook: Hessian-importance channel pruning inside runner training."""
+import copy
+import os.path as osp
+from typing import Optional, Sequence
+
+import numpy as np
+from mmengine.dist import all_reduce, is_distributed, is_main_process
+from mmengine.hooks import Hook
+from mmengine.model import is_model_wrapper
+from mmengine.registry import HOOKS
+
+from ..comb import comb_model
+from .cost import CostModel
+from .gates import ChannelGates
+from .importance import (IMPORTANCE_TYPES, ImportanceAccumulator,
+                         normalise_by_memory)
+from .plan import PLAN_META_KEY, make_plan
+from .report import save_kept_chart, summary_table
+from .schedule import select_channels, sparsity_at
+from .surgery import prune_model
+
+STATE_KEY = 'cpd_pruning'
+
+
+@HOOKS.register_module()
+class CPDPruningHook(Hook):
+    """Prune channels during training with the CPD method.
+
+    Combs the model before training, scores channels every iteration from the
+    gradients of the loss the runner backpropagates (task + distillation),
+    and every ``interval`` iterations masks the lowest-scoring channels until
+    the target sparsity; at the end it writes a physically pruned checkpoint.
+
+    Args:
+        target_sparsity (float): fraction of the model's parameters (or FLOPs
+            with ``target='flops'``) to remove, counted on the deployed
+            structure, in (0, 1). Default: 0.5.
+        target (str): 'params' or 'flops'. Default: 'params'.
+        interval (int): iterations between pruning steps. Default: 10.
+        begin_iter (int): iteration of the first pruning step. Default: 0.
+        end_iter (int, optional): iteration by which the target is reached
+            (linear ramp). Default: ``begin_iter + 10 * interval``.
+        importance (str): 'hessian' (the paper's), 'taylor', 'l1' or
+            'random'. Default: 'hessian'.
+        memory_norm (bool): divide scores by the activation memory of the
+            channel's group. Default: True.
+        exclude (Sequence[str]): conv/linear module names (of the student)
+            whose output channels are never pruned. The model's outputs
+            (classifier / decode layer) are always kept. Default: ().
+        input_shape (Sequence[int]): example input for combing. Default:
+            (1, 3, 224, 224).
+        min_channels (int): channels every group keeps at least. Default: 1.
+        save_pruned (bool): write ``pruned_final.pth`` (physically pruned
+            weights, plan in ``meta['cpd_plan']``) after training. Default:
+            True.
+        save_at (Sequence[float]): also write ``pruned_sparsity_XX.pth`` when
+            these sparsities are reached. Default: ().
+        seed (int): seed of the 'random' importance. Default: 0.
+
+    Note:
+        Masks, accumulated scores and the step count are saved in every
+        checkpoint under ``'cpd_pruning'`` (``before_save_checkpoint``) and
+        restored on resume, so an interrupted run ends with the same masks.
+        Under DDP the scores are all-reduced so every rank masks the same
+        channels. With the ``CPDDistiller`` wrapper the student is pruned.
+        Priority NORMAL runs the pruning step before the CheckpointHook.
+    """
+    priority = 'NORMAL'
+
+    def __init__(self, target_sparsity: float = 0.5, target: str = 'params',
+                 interval: int = 10, begin_iter: int = 0,
+                 end_iter: Optional[int] = None, importance: str = 'hessian',
+                 memory_norm: bool = True, exclude: Sequence[str] = (),
+                 input_shape: Sequence[int] = (1, 3, 224, 224),
+                 min_channels: int = 1, save_pruned: bool = True,
+                 save_at: Sequence[float] = (), seed: int = 0):
+        if not isinstance(target_sparsity, (int, float)) or \
+                not 0 < target_sparsity < 1:
+            raise ValueError('`target_sparsity` must be in (0, 1), but got '
+                             f'{target_sparsity!r}')
+        if target not in ('params', 'flops'):
+            raise ValueError(f"`target` must be 'params' or 'flops', but got "
+                             f'{target!r}')
+        if not isinstance(interval, int) or interval < 1:
+            raise ValueError(f'`interval` must be an int >= 1, but got '
+                             f'{interval!r}')
+        if not isinstance(begin_iter, int) or begin_iter < 0:
+            raise ValueError(f'`begin_iter` must be >= 0, but got '
+                             f'{begin_iter!r}')
+        end_iter = begin_iter + 10 * interval if end_iter is None else end_iter
+        if not isinstance(end_iter, int) or end_iter < begin_iter:
+            raise ValueError(f'`end_iter` must be >= begin_iter '
+                             f'({begin_iter}), but got {end_iter!r}')
+        if importance not in IMPORTANCE_TYPES:
+            raise ValueError(f'`importance` must be one of {IMPORTANCE_TYPES}'
+                             f', but got {importance!r}')
+        if len(input_shape) < 3 or any(int(s) < 1 for s in input_shape):
+            raise ValueError(f'`input_shape` must be like (1, 3, H, W), but '
+                             f'got {input_shape!r}')
+        if not isinstance(min_channels, int) or min_channels < 1:
+            raise ValueError(f'`min_channels` must be >= 1, but got '
+                             f'{min_channels!r}')
+        for s in save_at:
+            if not 0 < s <= target_sparsity:
+                raise ValueError(f'`save_at` entries must be in (0, '
+                                 f'target_sparsity], but got {s!r}')
+        self.target_sparsity = float(target_sparsity)
+        self.target = target
+        self.interval, self.begin_iter, self.end_iter = \
+            interval, begin_iter, end_iter
+        self.importance, self.memory_norm = importance, memory_norm
+        self.exclude = list(exclude)
+        self.input_shape = [int(s) for s in input_shape]
+        self.min_channels, self.save_pruned = min_channels, save_pruned
+        self.save_at = sorted(float(s) for s in save_at)
+        self.seed = seed
+        self.steps = 0
+        self._resume_state = None
+        self.comb = None
+
+    # ---------------------------------------------------------- set-up
+    def _student(self, runner):
+        model = runner.model.module if is_model_wrapper(runner.model) \
+            else runner.model
+        return getattr(model, 'student', model)
+
+    def before_train(self, runner) -> None:
+        student = self._student(runner)
+        self.comb = comb_model(student, input_shape=self.input_shape,
+                               exclude=self.exclude)
+        self.cost = CostModel(student, self.comb)
+        self.gates = ChannelGates(student, self.comb)
+        self.scorer = ImportanceAccumulator(student, self.comb,
+                                            self.importance, self.seed)
+        self.kept = np.ones(self.comb.num_classes, dtype=bool)
+        self.saved = []
+        if self._resume_state is not None:
+            self._restore(self._resume_state)
+        self.gates.set_kept(self.kept)
+        n = len(self.comb.prunable_groups)
+        runner.logger.info(
+            f'CPD: combed {type(student).__name__}: {len(self.comb.groups)} '
+            f'channel groups ({n} prunable), {self.comb.num_classes} channels'
+            f', {int(self.comb.frozen_classes.sum())} frozen; '
+            f'{self.cost.total_params / 1e6:.3f} M params, target sparsity '
+            f'{self.target_sparsity:.0%} of {self.target}')
+        if n == 0:
+            raise RuntimeError('CPD: no prunable channel group was found; '
+                               'run tools/check_pruning.py on this config')
+
+    def _measure(self, kept):
+        return (self.cost.params(kept) if self.target == 'params'
+                else self.cost.flops(kept))
+
+    def sparsity(self, kept=None) -> float:
+        kept = self.kept if kept is None else kept
+        total = (self.cost.total_params if self.target == 'params'
+                 else self.cost.total_flops)
+        return 1.0 - self._measure(kept) / total
+
+    # ---------------------------------------------------------- training
+    def after_train_iter(self, runner, batch_idx, data_batch=None,
+                         outputs=None) -> None:
+        self.scorer.step()
+        cur = runner.iter + 1
+        if cur >= self.begin_iter and (cur - self.begin_iter) % \
+                self.interval == 0 and self.sparsity() < \
+                self.target_sparsity - 1e-9:
+            self._prune_step(runner, cur)
+        hub = runner.message_hub
+        hub.update_scalar('train/cpd_sparsity', self.sparsity())
+        hub.update_scalar('train/cpd_params_M', self.cost.params(self.kept) / 1e6)
+        hub.update_scalar('train/cpd_flops_ratio',
+                          self.cost.flops(self.kept) / self.cost.total_flops)
+        hub.update_scalar('train/cpd_active_channels', int(self.kept.sum()))
+
+    def _prune_step(self, runner, cur):
+        goal = sparsity_at(cur, self.begin_iter, self.end_iter,
+                           self.target_sparsity)
+        if goal <= self.sparsity():
+            return
+        scores = self.scorer.current(self.steps)
+        if is_distributed():
+            import torch
+            t = torch.as_tensor(scores)
+            all_reduce(t, op='sum')
+            scores = t.numpy()
+        if self.memory_norm:
+            scores = normalise_by_memory(scores, self.comb, self.kept)
+        total = (self.cost.total_params if self.target == 'params'
+                 else self.cost.total_flops)
+        self.kept = select_channels(scores, self.kept, self.comb, self.cost,
+                                    (1 - goal) * total, self.target,
+                                    self.min_channels)
+        self.gates.set_kept(self.kept)
+        self.scorer.reset()
+        self.steps += 1
+        runner.logger.info(
+            f'CPD step {self.steps} at iter {cur}: sparsity '
+            f'{self.sparsity():.3f} (goal {goal:.3f}), params '
+            f'{self.cost.params(self.kept) / 1e6:.3f} M, active channels '
+            f'{int(self.kept.sum())}/{self.comb.num_classes}')
+        for s in self.save_at:
+            if s not in self.saved and self.sparsity() >= s - 1e-3:
+                self.saved.append(s)
+                self.save_pruned_checkpoint(
+                    runner, f'pruned_sparsity_{int(round(s * 100))}.pth')
+
+    def after_train(self, runner) -> None:
+        if self.comb is None:
+            return
+        plan = make_plan(self.comb, self.kept, self._student(runner))
+        if is_main_process():
+            from .plan import save_plan
+            save_plan(plan, osp.join(runner.work_dir, 'cpd_plan.json'))
+            runner.logger.info('CPD kept channels per group:\n' +
+                               summary_table(self.comb, self.kept))
+            save_kept_chart(self.comb, self.kept,
+                            osp.join(runner.work_dir, 'cpd_kept_channels.png'))
+        if self.save_pruned:
+            self.save_pruned_checkpoint(runner, 'pruned_final.pth')
+
+    def save_pruned_checkpoint(self, runner, filename: str) -> str:
+        """Write the physically pruned student with its plan in meta."""
+        from mmengine.runner.checkpoint import save_checkpoint, weights_to_cpu
+        student = self._student(runner)
+        plan = make_plan(self.comb, self.kept, student)
+        self.gates.remove()
+        try:
+            small = prune_model(copy.deepcopy(student), self.comb, self.kept)
+        finally:
+            self.gates = ChannelGates(student, self.comb)
+            self.gates.set_kept(self.kept)
+        path = osp.join(runner.work_dir, filename)
+        if is_main_process():
+            meta = {PLAN_META_KEY: plan, 'iter': runner.iter,
+                    'sparsity': self.sparsity(),
+                    'params': int(sum(p.numel() for p in small.parameters())),
+                    'cfg': runner.cfg.pretty_text}
+            save_checkpoint({'state_dict': weights_to_cpu(small.state_dict()),
+                             'meta': meta}, path)
+            runner.logger.info(f'CPD: pruned checkpoint saved to {path} '
+                               f'({meta["params"] / 1e6:.3f} M params)')
+        return path
+
+    # ------------------------------------------------------ checkpoints
+    def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
+        if self.comb is None:
+            return
+        checkpoint[STATE_KEY] = dict(
+            removed=[int(i) for i in np.nonzero(~self.kept)[0]],
+            num_channels=int(self.comb.num_classes), steps=int(self.steps),
+            saved=[float(s) for s in self.saved],
+            scorer=self.scorer.state_dict(),
+            plan=make_plan(self.comb, self.kept, self._student(runner)))
+
+    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+        self._resume_state = checkpoint.get(STATE_KEY)
+
+    def _restore(self, state):
+        if state['num_channels'] != self.comb.num_classes:
+            raise ValueError(
+                f'CPD: the checkpoint was pruned on a model with '
+                f'{state["num_channels"]} channels, this one has '
+                f'{self.comb.num_classes}')
+        self.kept = np.ones(self.comb.num_classes, dtype=bool)
+        self.kept[np.asarray(state['removed'], dtype=np.int64)] = False
+        self.steps = int(state['steps'])
+        self.saved = list(state.get('saved', []))
+        self.scorer.load_state_dict(state['scorer'])

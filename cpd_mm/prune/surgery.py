@@ -1,0 +1,127 @@
+"""Surgery: turn a model plus a keep-mask into a smaller dense model.
+
+Slices every member of every group (stop ops, norms, depthwise convs,
+passengers), folds the original attention scale into q when head dims
+shrink, and updates module attributes that the model's own forward code uses
+to reshape (``head_dims``, ``num_channels`` ...), so that forward runs
+unchanged on the smaller model.
+"""
+import inspect
+import math
+import re
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..comb.groups import CombResult
+from ..comb.modules import handler_for
+from ..comb.space import along
+
+
+def _owner(model, path):
+    mod_path, _, attr = path.rpartition('.')
+    mod = model.get_submodule(mod_path) if mod_path else model
+    return mod, attr
+
+
+def _fold_attention_scales(model, comb, keep):
+    """Scaled-dot-product attention without an explicit scale derives
+    1/sqrt(head_dim) from q; keep the original by scaling q's producer."""
+    for s in comb.sdpa:
+        d = s['head_dim']
+        new_d = int(keep(along(s['q_ids'], -1, d)).sum())
+        if new_d == d or not s['producer']:
+            continue
+        m = model.get_submodule(s['producer'])
+        rec = comb.records[s['producer']]
+        q_atoms = np.unique(s['q_ids'][s['q_ids'] >= 0])
+        rows = torch.as_tensor(np.nonzero(np.isin(rec['out'], q_atoms))[0])
+        f = math.sqrt(new_d / d)
+        with torch.no_grad():
+            m.weight[rows] *= f
+            if getattr(m, 'bias', None) is not None:
+                m.bias[rows] *= f
+
+
+def _forward_source(module):
+    try:
+        return inspect.getsource(type(module).forward)
+    except (OSError, TypeError):
+        return ''
+
+
+def _update_view_attributes(model, comb, keep):
+    """Reshape targets read from module attributes must follow the pruning."""
+    changes = {}
+    for v in comb.views:
+        new = int(keep(v['atoms']).sum())
+        if new == v['size']:
+            continue
+        m = model.get_submodule(v['module']) if v['module'] else model
+        src = _forward_source(m)
+        cands = [k for k, val in vars(m).items()
+                 if type(val) is int and val == v['size'] and
+                 re.search(r'\.%s\b' % re.escape(k), src)]
+        for k in cands:
+            key = (v['module'], k)
+            if changes.get(key, new) != new:
+                raise RuntimeError(
+                    f'{v["module"]}.{k} would need two sizes '
+                    f'({changes[key]} and {new}) after pruning')
+            changes[key] = new
+    for (mod, k), new in changes.items():
+        m = model.get_submodule(mod) if mod else model
+        setattr(m, k, new)
+    return changes
+
+
+def prune_model(model: nn.Module, comb: CombResult,
+                kept: np.ndarray) -> nn.Module:
+    """Physically remove channels whose ``kept`` entry is False (in place).
+
+    Args:
+        model: the model ``comb`` was computed on (not yet pruned).
+        comb: its :class:`CombResult`.
+        kept: bool array over ``comb.num_classes``.
+    Returns:
+        The same model object, smaller.
+    """
+    kept = np.asarray(kept, dtype=bool)
+    if kept.shape != (comb.num_classes, ):
+        raise ValueError(f'kept mask has shape {kept.shape}, expected '
+                         f'({comb.num_classes},)')
+    if (~kept & comb.frozen_classes).any():
+        raise ValueError('the keep-mask removes frozen channels')
+    for g in comb.groups:
+        if not kept[g.classes].any():
+            raise ValueError(f'group {g.name!r} would lose all its channels')
+    keep = comb.keep_fn(kept)
+    _fold_attention_scales(model, comb, keep)
+    modules = dict(model.named_modules())
+    for name, rec in comb.records.items():
+        handler = handler_for(modules[name])
+        handler.prune(modules[name], rec, keep)
+    done = {}
+    for ps in comb.passengers:
+        mask = keep(ps['atoms'])
+        key = (ps['name'], ps['axis'])
+        if key in done:
+            if not np.array_equal(done[key], mask):
+                raise RuntimeError(f'passenger {ps["name"]} is indexed by '
+                                   'two different channel sets')
+            continue
+        done[key] = mask
+    for (pname, axis), mask in done.items():
+        if mask.all():
+            continue
+        mod, attr = _owner(model, pname)
+        p = getattr(mod, attr)
+        idx = torch.as_tensor(np.nonzero(mask)[0], device=p.device)
+        new = torch.index_select(p.data, axis, idx).clone()
+        if isinstance(p, nn.Parameter):
+            setattr(mod, attr, nn.Parameter(new, requires_grad=p.requires_grad))
+        else:
+            setattr(mod, attr, new)
+    _update_view_attributes(model, comb, keep)
+    return model
