@@ -84,7 +84,8 @@ class ConvHandler:
             tr.add_producer(name, rec['out'], out, granularity=g)
         shape = [1] * out.dim()
         shape[1] = cout
-        return TensorInfo(outs.reshape(shape), True, lin=name)
+        # removed output channels are not zero (weights stay): gate needed
+        return TensorInfo(outs.reshape(shape), False, lin=name)
 
     @staticmethod
     def prune(m, rec, keep):
@@ -128,7 +129,7 @@ class LinearHandler:
         _merge(tr, rec, 'out', outs)
         tr.add_producer(name, rec['out'], out)
         return TensorInfo(outs.reshape((1, ) * (out.dim() - 1) + (-1, )),
-                          True, lin=name)
+                          False, lin=name)
 
     @staticmethod
     def prune(m, rec, keep):
@@ -164,9 +165,11 @@ class NormHandler:
         rec['norm'] = type(m).__name__
         rec['follows'] = info.lin
         tr.add_channelwise(name, ids, norm=True, src_lin=info.lin)
-        if isinstance(m, (nn.LayerNorm, nn.GroupNorm)) and info.has_ids:
+        masked = isinstance(m, (nn.LayerNorm, nn.GroupNorm)) and info.has_ids
+        if masked:
             tr.masked_norms.add(name)
-        return TensorInfo(info.ids, True)
+        # BatchNorm turns a zero into its bias; masked LN/GN output zeros
+        return TensorInfo(info.ids, masked)
 
     @staticmethod
     def prune(m, rec, keep):

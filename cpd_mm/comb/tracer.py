@@ -238,7 +238,10 @@ class CombTracer(TorchDispatchMode):
                 self.set_info(o, info)
             if leaf and isinstance(out, torch.Tensor):
                 info = self.info(out)
-                if info.has_ids:
+                # a gate is only needed where removed channels are not
+                # already zero (after a conv or BatchNorm, not after a ReLU
+                # that follows a gate)
+                if info.has_ids and not info.z:
                     # the gated model multiplies this output by its mask,
                     # which yields a new tensor: mirror that here
                     new = out.clone()

@@ -49,6 +49,7 @@ class ChannelGates:
             idx = np.where(idx >= 0, idx, comb.num_classes)
             sites[s['module']][s['call']] = torch.as_tensor(idx)
         self._per_call = {}
+        self._active = {}
         for name, calls in sites.items():
             n = max(calls) + 1
             self._per_call[name] = [calls.get(i) for i in range(n)]
@@ -62,11 +63,18 @@ class ChannelGates:
             idx = comb.classes(rec['in'])
             idx = torch.as_tensor(np.where(idx >= 0, idx, comb.num_classes))
             self._patch_norm(modules[name], idx)
+        self.set_kept(np.ones(comb.num_classes, dtype=bool))
 
     # ------------------------------------------------------------- masks
     def set_kept(self, kept: np.ndarray) -> None:
-        kept = torch.as_tensor(np.asarray(kept, dtype=np.float32))
-        self.mask[:-1] = kept.to(self.mask.device)
+        kept = np.asarray(kept, dtype=bool)
+        self.mask[:-1] = torch.as_tensor(kept.astype(np.float32)).to(
+            self.mask.device)
+        # sites whose channels are all kept cost nothing
+        full = np.append(kept, True)
+        self._active = {name: [idx is not None and
+                               not full[idx.numpy()].all() for idx in calls]
+                        for name, calls in self._per_call.items()}
 
     def set_plan(self, plan: dict) -> None:
         self.set_kept(self.comb.kept_classes_from_plan(plan))
@@ -89,7 +97,7 @@ class ChannelGates:
             i = self._calls[name] % len(per_call)
             self._calls[name] += 1
             idx = per_call[i]
-            if idx is None or idx.dim() != out.dim():
+            if not self._active[name][i] or idx.dim() != out.dim():
                 return None
             return out * self._gate(idx, out)
         return hook

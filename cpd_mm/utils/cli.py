@@ -55,8 +55,18 @@ def check_file(path: str, what: str) -> str:
 
 
 def load_config(path: str) -> Config:
-    """Read a config file; a missing or unparsable file is a CLIError."""
-    check_file(path, 'config file')
+    """Read a config file; a missing or unparsable file is a CLIError.
+
+    For a missing file, close names in the same folder are suggested.
+    """
+    if not osp.isfile(path):
+        folder = osp.dirname(path) or '.'
+        names = os.listdir(folder) if osp.isdir(folder) else []
+        close = _suggest(osp.basename(path), names)
+        hint = ('; did you mean ' + ' or '.join(osp.join(folder, c)
+                                               for c in close) + '?'
+                if close else '')
+        raise CLIError(f'config file "{path}" does not exist{hint}')
     try:
         return Config.fromfile(path)
     except (SyntaxError, ImportError, KeyError, ValueError, TypeError,
@@ -174,8 +184,16 @@ def prepare_checkpoint(runner_or_cfg: Union[Runner, Config],
         from cpd_mm.prune.loading import load_into_runner
         from cpd_mm.prune.plan import PlanMismatchError
         try:
-            load_into_runner(runner_or_cfg, checkpoint_path, checkpoint,
-                             training=training)
+            loaded = load_into_runner(runner_or_cfg, checkpoint_path,
+                                      checkpoint, training=training)
         except PlanMismatchError as e:
             raise CLIError(f'checkpoint "{checkpoint_path}": {e}') from e
+        from cpd_mm.distill import is_distill_state_dict
+        from mmengine.model import is_model_wrapper
+        model = runner_or_cfg.model
+        model = model.module if is_model_wrapper(model) else model
+        if not loaded and not hasattr(model, 'student') and \
+                is_distill_state_dict(checkpoint.get('state_dict', {})):
+            # a distillation run's checkpoint with the plain student config
+            runner_or_cfg._load_from = 'student://' + checkpoint_path
     return checkpoint

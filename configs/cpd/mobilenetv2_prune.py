@@ -1,0 +1,41 @@
+"""CPD on MobileNetV2 (ImageNet): prune 30% of the parameters during a short
+fine-tuning with KL distillation from the unpruned model.
+
+    python tools/train.py configs/cpd/resnet50_prune.py
+
+Start from trained weights: set ``load_from`` to an ImageNet checkpoint of
+``mmpretrain::mobilenet_v2/mobilenet-v2_8xb32_in1k.py`` (MMPretrain's model zoo).
+"""
+_base_ = ['mmpretrain::mobilenet_v2/mobilenet-v2_8xb32_in1k.py']
+custom_imports = dict(imports=['cpd_mm'], allow_failed_imports=False)
+
+# ----------------------------------------------------------------- CPD ---
+target_sparsity = 0.3     # fraction of parameters removed: edit this line
+distill = 'kl'            # 'kl' or 'none'
+importance = 'hessian'    # 'hessian' (paper), 'taylor', 'l1', 'random'
+
+load_from = 'checkpoints/mobilenet-v2_8xb32_in1k.pth'
+model = dict(
+    _delete_=True,
+    type='CPDDistiller',
+    student={{_base_.model}},
+    teacher='self',
+    distill=distill)
+
+# 5005 iterations per epoch at 8x32: prune every 500 iterations during the
+# first 6 epochs, fine-tune the pruned structure for the rest.
+custom_hooks = [
+    dict(
+        type='CPDPruningHook',
+        target_sparsity=target_sparsity,
+        importance=importance,
+        interval=500,
+        begin_iter=500,
+        end_iter=30000,
+        input_shape=(1, 3, 224, 224)),
+]
+optim_wrapper = dict(optimizer=dict(lr=0.01))
+param_scheduler = dict(
+    _delete_=True, type='CosineAnnealingLR', by_epoch=True, T_max=30,
+    convert_to_iter_based=True)
+train_cfg = dict(by_epoch=True, max_epochs=30, val_interval=1)
