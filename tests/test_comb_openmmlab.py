@@ -20,7 +20,7 @@ def upstream_config(name):
 
 
 def build(cfg):
-    init_default_scope(cfg.default_scope)
+    init_default_scope(cfg.get('default_scope', 'mmseg'))
     mc = cfg.model
     if 'pretrained' in mc:
         mc.pretrained = None
@@ -83,3 +83,28 @@ def test_mmseg_pspnet_concat_pyramid():
     bottleneck = [g for g in comb.groups
                   if 'decode_head.bottleneck.conv' in g.consumers]
     assert len(bottleneck) >= 5
+
+
+@pytest.mark.parametrize('arch', ['t', 's', 'b', 'l'])
+def test_seaformer_variants(arch, repo_root):
+    cfg = Config.fromfile(osp.join(
+        repo_root, f'configs/seaformer/seaformer-{arch}_8xb4-160k_ade20k-'
+        '512x512.py'))
+    bn = dict(type='BN', requires_grad=True)  # SyncBN needs a process group
+    cfg.model.backbone.norm_cfg = bn
+    cfg.model.decode_head.norm_cfg = bn
+    model = build(cfg)
+    for m in model.modules():  # SeaFormer zero-inits some BN weights
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.weight.data.uniform_(0.5, 1.5)
+            m.running_var.uniform_(0.5, 2)
+            m.running_mean.uniform_(-0.5, 0.5)
+    comb, kept, pruned, _ = assert_equivalent(model, (1, 3, 64, 64), 0.5)
+    q = comb.group('backbone.trans1.transformer_blocks.0.attn.to_q.c')
+    # key_dim pruned uniformly over heads, with the axial positional
+    # embeddings of q and k as passengers
+    assert q.granularity.startswith('uniform over')
+    assert sum('pos_emb' in p for p in q.passengers) == 4
+    attn = pruned.backbone.trans1.transformer_blocks[0].attn
+    assert attn.key_dim == int(kept[q.classes].sum())
+    assert len(comb.prunable_groups) >= len(comb.groups) - 1

@@ -32,7 +32,7 @@ def test_resnext_groups_are_uniform():
     model = torchvision.models.resnext50_32x4d()
     comb = comb_model(model, input_shape=(1, 3, 64, 64))
     g = comb.group('layer1.0.conv1')
-    assert g.granularity.startswith('32 conv groups')
+    assert g.granularity == 'uniform over 32 conv groups/heads'
     assert g.size == 128 // 32  # one channel = same position in 32 groups
 
 

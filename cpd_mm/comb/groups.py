@@ -145,7 +145,7 @@ class CombResult:
                 per = len(c) // max(len(np.unique(c[c >= 0])), 1)
                 if per > 1 and g.granularity == 'channel':
                     # a channel spans the same position of every conv group
-                    g.granularity = f'{per} conv groups'
+                    g.granularity = f'uniform over {per} conv groups/heads'
         for name, rec in self.records.items():
             if 'in' in rec and not rec.get('dw') and rec['kind'] != 'norm':
                 for gi in self._groups_of(rec['in']):

@@ -440,8 +440,12 @@ def spatial(tr, args, kwargs, out):
     if ch is not None and ch >= 2:
         tr.freeze(info.ids, f'{tr.current_op} works on a channel axis')
     outs = out if isinstance(out, (tuple, list)) else [out]
+    # batch and channel axes pass through (so do parameter axes behind them,
+    # e.g. an interpolated positional embedding); spatial axes are mixed
+    src = {n: tuple(m[a] if a < 2 else None for a in range(len(m)))
+           for n, m in info.src.items()}
     res = [TensorInfo(info.ids[tuple(slice(0, 1) if a >= 2 else slice(None)
-                                     for a in range(x.dim()))], info.z)
+                                     for a in range(x.dim()))], info.z, src)
            if _t(o) and o.dim() == x.dim() else None for o in outs]
     return res if isinstance(out, (tuple, list)) else res[0]
 

@@ -45,8 +45,9 @@ def _fold_attention_scales(model, comb, keep):
 
 
 def _forward_source(module):
+    """Source of the module's class (forward and its helper methods)."""
     try:
-        return inspect.getsource(type(module).forward)
+        return inspect.getsource(type(module))
     except (OSError, TypeError):
         return ''
 
