@@ -1,0 +1,37 @@
+"""CPD on ViT-DeiT-S/16 + UPerNet (ADE20K 512x512): prune 40% of the
+parameters (the paper's operating point) with CWD distillation from the
+unpruned model.
+
+    python tools/train.py configs/cpd/vit-deit-s16_upernet_ade20k_prune.py
+
+Note: MMSegmentation's ViT uses ``nn.MultiheadAttention`` (through mmcv),
+whose inner width is tied to the residual width; comb freezes those channels
+and says so (tools/check_pruning.py). The MLP hidden widths, the neck and the
+UPerNet head (including its auxiliary FCN head) are pruned.
+"""
+_base_ = ['mmseg::vit/vit_deit-s16_upernet_8xb2-80k_ade20k-512x512.py']
+custom_imports = dict(imports=['cpd_mm'], allow_failed_imports=False)
+
+# ----------------------------------------------------------------- CPD ---
+target_sparsity = 0.4     # fraction of parameters removed: edit this line
+distill = 'cwd'           # 'cwd' (paper's choice), 'cirkd', 'kl', 'none'
+importance = 'hessian'    # 'hessian' (paper), 'taylor', 'l1', 'random'
+
+load_from = 'checkpoints/vit-deit-s16_upernet_8xb2-80k_ade20k-512x512.pth'
+model = dict(
+    _delete_=True,
+    type='CPDDistiller',
+    student={{_base_.model}},
+    teacher='self',
+    distill=distill)
+
+custom_hooks = [
+    dict(
+        type='CPDPruningHook',
+        target_sparsity=target_sparsity,
+        importance=importance,
+        interval=1000,
+        begin_iter=1000,
+        end_iter=40000,
+        input_shape=(1, 3, 512, 512)),
+]
