@@ -1,4 +1,10 @@
-"""Property test: random small networks, random plans, gated == pruned."""
+"""Property test: random small networks, random plans, gated == pruned.
+
+Run in float64 with a 1e-10 tolerance: the equivalence is exact, and float64
+keeps float32 rounding (which e.g. a GroupNorm left with one channel per
+group amplifies to ~1e-5 on some random networks) out of the verdict. The
+named architectures are checked in float32 at 1e-5 elsewhere.
+"""
 import numpy as np
 import torch
 import torch.nn as nn
@@ -112,4 +118,4 @@ def test_random_networks_gated_equals_pruned(kinds, ratio, leave_one, seed):
             m.running_var.uniform_(0.5, 2)
             m.bias.data.uniform_(-1, 1)
     assert_equivalent(model, (1, 3, 8, 8), ratio=ratio, seed=seed,
-                      leave_one=leave_one)
+                      leave_one=leave_one, dtype=torch.float64, tol=1e-10)

@@ -75,6 +75,7 @@ class CombTracer(TorchDispatchMode):
         self.sdpa: List[dict] = []
         self.views: List[dict] = []
         self.sites: List[dict] = []            # gate sites: module outputs
+        self._site_of: Dict[int, int] = {}     # id(gated tensor) -> site
         self.masked_norms = set()
         self.calls = defaultdict(int)
         self.debug = os.environ.get('CPD_MM_DEBUG') == '1'
@@ -161,6 +162,7 @@ class CombTracer(TorchDispatchMode):
         name = func.overloadpacket.__name__
         self.current_op = name
         ins = self.tensors_of((args, kwargs))
+        self._use(ins, 'aten.' + name)
         res, failed = None, False
         rule = RULES.get(name)
         if rule is not None:
@@ -182,6 +184,19 @@ class CombTracer(TorchDispatchMode):
                 r = TensorInfo(empty_ids(t.dim()), True)
             self.set_info(t, r)
         return out
+
+    def _use(self, tensors, user):
+        for t in tensors:
+            i = self._site_of.get(id(t))
+            if i is not None:
+                self.sites[i]['users'].append(user)
+
+    def _drop_redundant_sites(self):
+        """A gate right before a BatchNorm is redundant: the BatchNorm's own
+        output is gated, and nothing else reads the tensor."""
+        self.sites = [s for s in self.sites
+                      if not (s['users'] and all(u.startswith('bn:')
+                                                  for u in s['users']))]
 
     def _unknown(self, name, ins, why=None):
         infos = [self.info(t) for t in ins]
@@ -206,6 +221,11 @@ class CombTracer(TorchDispatchMode):
                 return
             if handler_for(mod) is not None:
                 self.suppress += 1
+                kind = 'bn:' if isinstance(mod, nn.modules.batchnorm._BatchNorm) \
+                    else 'module:'
+                self._use(self.tensors_of((args, kwargs)), kind + name)
+            else:
+                self._use(self.tensors_of((args, kwargs)), 'call:' + name)
         return hook
 
     def _post(self, name, module):
@@ -247,9 +267,10 @@ class CombTracer(TorchDispatchMode):
                     new = out.clone()
                     self.set_info(new, TensorInfo(info.ids, True,
                                                   lin=info.lin))
+                    self._site_of[id(new)] = len(self.sites)
                     self.sites.append(dict(module=name,
                                            call=self.calls[name] - 1,
-                                           ids=info.ids))
+                                           ids=info.ids, users=[]))
                     return new
         return hook
 
@@ -266,6 +287,8 @@ class CombTracer(TorchDispatchMode):
                 out = forward(self.model, x)
             for t in self.tensors_of(out):
                 self.freeze(self.info(t).ids, 'model output')
+                self._use([t], 'output')
+            self._drop_redundant_sites()
         finally:
             for h in handles:
                 h.remove()
