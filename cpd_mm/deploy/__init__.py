@@ -1,1 +1,26 @@
+"""Deployment: ONNX export of (pruned) models, verification, timing.
 
+``tools/export_onnx.py`` is the command-line front end. onnx and onnxruntime
+are imported only when a function needs them.
+"""
+from .atomic import atomic_output, check_output_path
+from .benchmark import (benchmark_session, benchmark_sessions, create_session,
+                        latency_stats, select_providers)
+from .complexity import count_flops, inference_params, model_complexity
+from .onnx_export import DEFAULT_OPSET, default_output_path, export_onnx
+from .report import comparison, comparison_table, latency_table, write_json
+from .verify import (DEFAULT_ATOL, DEFAULT_RTOL, VerificationError,
+                     verify_onnx)
+from .wrappers import (CLASSIFICATION, SEGMENTATION, default_input_shape,
+                       export_module, input_channels, model_task)
+
+__all__ = [
+    'atomic_output', 'check_output_path', 'benchmark_session',
+    'benchmark_sessions',
+    'create_session', 'latency_stats', 'select_providers', 'count_flops',
+    'inference_params', 'model_complexity', 'DEFAULT_OPSET',
+    'default_output_path', 'export_onnx', 'comparison', 'comparison_table',
+    'latency_table', 'write_json', 'DEFAULT_ATOL', 'DEFAULT_RTOL',
+    'VerificationError', 'verify_onnx', 'CLASSIFICATION', 'SEGMENTATION',
+    'default_input_shape', 'export_module', 'input_channels', 'model_task'
+]

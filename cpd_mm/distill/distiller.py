@@ -87,6 +87,9 @@ class CPDDistiller(BaseModel):
             are read from the models when a loss takes them and the item
             does not give them. Defaults to ``'kl'``.
         init_cfg (dict, optional): unused (the student has its own).
+        data_preprocessor (dict, optional): the config's top-level
+            ``data_preprocessor`` that training tools inject into the model
+            dict; it goes to the student unless the student has its own.
 
     Note:
         - State dict layout: ``student.*``, ``teacher.*``,
