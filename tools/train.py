@@ -11,14 +11,17 @@ and runner-written checkpoints load safely (``--resume``).
 """
 import argparse
 import os.path as osp
+import warnings
 
-from mmengine.config import DictAction
+# mmengine and mmcv import pkg_resources, which setuptools deprecates: noise
+# that would bury the one-line error messages of these tools.
+warnings.filterwarnings('ignore', message='pkg_resources is deprecated')
+from mmengine.config import DictAction  # noqa: E402
 
-import cpd_mm  # noqa: F401  (registers modules, safe checkpoint loading)
-from cpd_mm.utils.cli import (CLIError, build_runner, check_file,
-                              prepare_checkpoint,
-                              load_config, merge_cfg_options, run_cli,
-                              set_local_rank)
+import cpd_mm  # noqa: F401,E402  (registers modules, safe checkpoint loading)
+from cpd_mm.utils.cli import (  # noqa: E402
+    CLIError, build_runner, check_file, prepare_checkpoint, load_config,
+    merge_cfg_options, run_cli, set_local_rank)
 
 
 def parse_args(argv=None):

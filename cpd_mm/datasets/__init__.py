@@ -1,1 +1,4 @@
+"""Data sets: procedurally generated demo data (no download needed)."""
+from .demo_data import make_classification_set, make_segmentation_set
 
+__all__ = ['make_classification_set', 'make_segmentation_set']

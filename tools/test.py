@@ -1,0 +1,108 @@
+"""Evaluate a checkpoint with an MMPretrain or MMSegmentation config.
+
+Same command line as the upstream ``tools/test.py`` of both projects::
+
+    python tools/test.py CONFIG CHECKPOINT [--work-dir DIR] [--out FILE.pkl]
+        [--show-dir DIR] [--cfg-options KEY=VALUE ...]
+        [--launcher none|pytorch|slurm|mpi]
+
+The checkpoint goes through :func:`cpd_mm.utils.cli.prepare_checkpoint`
+before the weights are loaded (the place where pruned checkpoints get their
+model adapted).
+"""
+import argparse
+import os.path as osp
+import warnings
+
+# mmengine and mmcv import pkg_resources, which setuptools deprecates: noise
+# that would bury the one-line error messages of these tools.
+warnings.filterwarnings('ignore', message='pkg_resources is deprecated')
+from mmengine.config import DictAction  # noqa: E402
+from mmengine.evaluator import DumpResults  # noqa: E402
+
+import cpd_mm  # noqa: F401,E402  (registers modules, safe checkpoint loading)
+from cpd_mm.utils.cli import (  # noqa: E402
+    CLIError, build_runner, check_file, load_config, merge_cfg_options,
+    prepare_checkpoint, run_cli, set_local_rank)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description='Test (and eval) a model')
+    parser.add_argument('config', help='test config file path')
+    parser.add_argument('checkpoint', help='checkpoint file')
+    parser.add_argument('--work-dir',
+                        help='the dir to save the file of evaluation metrics')
+    parser.add_argument('--out',
+                        help='dump the predictions to this pickle file '
+                        '(.pkl) for offline evaluation')
+    parser.add_argument('--show-dir',
+                        help='save images drawn with their predictions here')
+    parser.add_argument(
+        '--cfg-options', nargs='+', action=DictAction,
+        help='override settings of the config, key=value pairs; the key '
+        'must address the config (parents must exist)')
+    parser.add_argument('--launcher',
+                        choices=['none', 'pytorch', 'slurm', 'mpi'],
+                        default='none', help='job launcher')
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    args = parser.parse_args(argv)
+    set_local_rank(args.local_rank)
+    return args
+
+
+def enable_visualization(cfg, show_dir):
+    """Turn on the config's visualization hook, saving to ``show_dir``.
+
+    MMPretrain's ``VisualizationHook`` takes ``enable`` and ``out_dir``;
+    MMSegmentation's ``SegVisualizationHook`` takes ``draw`` and saves through
+    the visualizer's ``save_dir``.
+    """
+    hook = cfg.get('default_hooks', {}).get('visualization')
+    if hook is None:
+        raise CLIError('--show-dir needs a "visualization" hook in '
+                       'default_hooks of the config')
+    if 'Seg' in str(hook.get('type', '')):
+        hook['draw'] = True
+        cfg.visualizer['save_dir'] = show_dir
+    else:
+        hook['enable'] = True
+        hook['out_dir'] = show_dir
+
+
+def merge_args(cfg, args):
+    """Apply the command line to the config (upstream semantics)."""
+    cfg.launcher = args.launcher
+    if args.work_dir is not None:
+        cfg.work_dir = args.work_dir
+    elif cfg.get('work_dir') is None:
+        cfg.work_dir = osp.join('./work_dirs',
+                                osp.splitext(osp.basename(args.config))[0])
+    cfg.load_from = args.checkpoint
+    cfg.resume = False
+    if args.show_dir:
+        enable_visualization(cfg, args.show_dir)
+    return cfg
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.out is not None and not args.out.endswith(('.pkl', '.pickle')):
+        raise CLIError(f'--out must be a .pkl or .pickle file, got {args.out}')
+    cfg = load_config(args.config)
+    if '://' not in args.checkpoint:  # fail before the slow runner build
+        check_file(args.checkpoint, 'checkpoint')
+    merge_cfg_options(cfg, args.cfg_options)
+    merge_args(cfg, args)
+    runner = build_runner(cfg)
+    prepare_checkpoint(runner, args.checkpoint)
+    try:
+        if args.out:
+            runner.test_evaluator.metrics.append(
+                DumpResults(out_file_path=args.out))
+        runner.test()
+    except FileNotFoundError as e:
+        raise CLIError(str(e)) from e
+
+
+if __name__ == '__main__':
+    run_cli(main)
