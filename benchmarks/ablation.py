@@ -27,7 +27,7 @@ SETUPS = {
                 metric=r'accuracy/top1: ([0-9.]+)', distill=['kl', 'none']),
     'seg': dict(base='configs/demo/pspnet_r18_demo-seg.py',
                 prune='configs/demo/pspnet_r18_demo-seg_prune.py',
-                ckpt='work_dirs/pspnet_r18_demo-seg/epoch_15.pth',
+                ckpt='work_dirs/pspnet_r18_demo-seg/epoch_20.pth',
                 metric=r'mIoU: ([0-9.]+)', distill=['cwd', 'cirkd', 'none']),
 }
 

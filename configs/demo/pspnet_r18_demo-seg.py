@@ -88,10 +88,10 @@ val_evaluator = dict(type='IoUMetric', iou_metrics=['mIoU'])
 test_evaluator = val_evaluator
 
 # Epoch-based short schedule (upstream mmseg schedules are 20k+ iterations).
-max_epochs = 15
+max_epochs = 20
 optim_wrapper = dict(
     type='OptimWrapper',
-    optimizer=dict(type='SGD', lr=0.05, momentum=0.9, weight_decay=5e-4),
+    optimizer=dict(type='SGD', lr=0.1, momentum=0.9, weight_decay=5e-4),
     clip_grad=None)
 param_scheduler = [
     dict(type='PolyLR', eta_min=1e-4, power=0.9, begin=0, end=max_epochs,

@@ -19,7 +19,7 @@ _base_ = ['./pspnet_r18_demo-seg.py']
 distill_type = 'cwd'  # the switch: 'cwd', 'cirkd', 'kl' or 'none'
 
 # the trained baseline initialises the student and the 'self' teacher
-load_from = 'work_dirs/pspnet_r18_demo-seg/epoch_15.pth'
+load_from = 'work_dirs/pspnet_r18_demo-seg/epoch_20.pth'
 model = dict(
     _delete_=True,
     type='CPDDistiller',

@@ -14,7 +14,7 @@ target_sparsity = 0.5     # fraction of parameters removed: edit this line
 distill = 'cwd'           # 'cwd' (paper's choice), 'cirkd', 'kl', 'none'
 importance = 'hessian'    # 'hessian' (paper), 'taylor', 'l1', 'random'
 
-load_from = 'work_dirs/pspnet_r18_demo-seg/epoch_15.pth'
+load_from = 'work_dirs/pspnet_r18_demo-seg/epoch_20.pth'
 model = dict(
     _delete_=True,
     type='CPDDistiller',

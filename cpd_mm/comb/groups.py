@@ -108,18 +108,25 @@ class CombResult:
             if c.size:
                 guf.union(np.full(c.size, c[0]), c)
         groot = guf.find(np.arange(self.num_classes))
+        # channel order inside a group: first appearance over the producers
+        # in trace order (vectorised: this runs for every comb)
+        per = [self.classes(p['atoms']) for p in tracer.producers]
+        owner = np.concatenate([np.full(len(c), i) for i, c in
+                                enumerate(per)]) if per else np.zeros(0, int)
+        flat = np.concatenate(per) if per else np.zeros(0, np.int64)
+        ok = flat >= 0
+        flat, owner = flat[ok], owner[ok]
+        uniq, first = np.unique(flat, return_index=True)
+        ordered = uniq[np.argsort(first, kind='stable')]
+        first_sorted = np.sort(first)
         order: Dict[int, List[int]] = OrderedDict()
-        seen = set()
         first_producer = {}
-        for p in tracer.producers:
-            for c in self.classes(p['atoms']):
-                if c < 0:
-                    continue
-                r = int(groot[c])
-                first_producer.setdefault(r, p['name'])
-                if c not in seen:
-                    seen.add(int(c))
-                    order.setdefault(r, []).append(int(c))
+        for c, f in zip(ordered.tolist(), first_sorted.tolist()):
+            r = int(groot[c])
+            if r not in order:
+                order[r] = []
+                first_producer[r] = tracer.producers[int(owner[f])]['name']
+            order[r].append(c)
         self.groups: List[ChannelGroup] = []
         self.group_of_class = np.full(self.num_classes, -1, dtype=np.int64)
         self.channel_of_class = np.full(self.num_classes, -1, dtype=np.int64)

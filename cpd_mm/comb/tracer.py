@@ -264,7 +264,7 @@ class CombTracer(TorchDispatchMode):
                 if info.has_ids and not info.z:
                     # the gated model multiplies this output by its mask,
                     # which yields a new tensor: mirror that here
-                    new = out.clone()
+                    new = out.detach()  # a new tensor object, no copy
                     self.set_info(new, TensorInfo(info.ids, True,
                                                   lin=info.lin))
                     self._site_of[id(new)] = len(self.sites)
