@@ -17,6 +17,8 @@ from .space import TensorInfo, along, channel_axis, empty_ids
 
 
 def _keep_param(module, pname, axis, keep):
+    """Keep the entries ``keep`` (bool mask) of ``module.<pname>`` along
+    ``axis``; parameters stay parameters, buffers stay buffers."""
     p = getattr(module, pname, None)
     if p is None:
         return

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from ..comb.groups import CombResult
-from ..comb.modules import handler_for
+from ..comb.modules import _keep_param, handler_for
 from ..comb.space import along
 
 
@@ -117,12 +117,6 @@ def prune_model(model: nn.Module, comb: CombResult,
         if mask.all():
             continue
         mod, attr = _owner(model, pname)
-        p = getattr(mod, attr)
-        idx = torch.as_tensor(np.nonzero(mask)[0], device=p.device)
-        new = torch.index_select(p.data, axis, idx).clone()
-        if isinstance(p, nn.Parameter):
-            setattr(mod, attr, nn.Parameter(new, requires_grad=p.requires_grad))
-        else:
-            setattr(mod, attr, new)
+        _keep_param(mod, attr, axis, mask)
     _update_view_attributes(model, comb, keep)
     return model
