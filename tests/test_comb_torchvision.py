@@ -121,12 +121,26 @@ def test_vit_attention_equivalence(fused, ratio, leave_one):
     assert {'cls_token', 'pos_embed', 'gamma'} <= set(stream.passengers)
 
 
-def test_multihead_attention_is_frozen_with_reason():
+@pytest.mark.parametrize('ratio,leave_one', [(0.5, False), (0.0, True)])
+def test_multihead_attention_is_pruned_exactly(ratio, leave_one):
     from torchvision.models.vision_transformer import VisionTransformer
-    model = VisionTransformer(image_size=32, patch_size=8, num_layers=1,
-                              num_heads=2, hidden_dim=32, mlp_dim=64)
-    comb = comb_model(model, input_shape=(1, 3, 32, 32))
-    reasons = ' '.join(comb.frozen_reasons())
-    assert 'MultiheadAttention ties its widths together' in reasons
-    # the MLP hidden width is still prunable
-    assert any('mlp' in g.name for g in comb.prunable_groups)
+    from cpd_mm.comb.attention import PrunedMultiheadAttention
+    from cpd_mm.prune import apply_plan, make_plan
+    model = VisionTransformer(image_size=32, patch_size=8, num_layers=2,
+                              num_heads=4, hidden_dim=32, mlp_dim=64,
+                              num_classes=5)
+    comb, kept, pruned, _ = assert_equivalent(model, (1, 3, 32, 32), ratio,
+                                              leave_one=leave_one)
+    attn = pruned.encoder.layers[0].self_attention
+    assert isinstance(attn, PrunedMultiheadAttention)
+    assert attn.num_heads == 4
+    # the residual stream (conv_proj, class token, pos embedding, out_proj
+    # of every block) is one prunable group
+    stream = comb.group('conv_proj')
+    assert stream.prunable and 'class_token' in stream.passengers
+    # a plan rebuilds the same structure on a fresh model; weights load
+    fresh = VisionTransformer(image_size=32, patch_size=8, num_layers=2,
+                              num_heads=4, hidden_dim=32, mlp_dim=64,
+                              num_classes=5)
+    apply_plan(fresh, make_plan(comb, kept, model))
+    fresh.load_state_dict(pruned.state_dict())

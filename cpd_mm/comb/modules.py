@@ -211,10 +211,15 @@ HANDLERS = {
     nn.BatchNorm1d: NormHandler, nn.BatchNorm2d: NormHandler,
     nn.BatchNorm3d: NormHandler, nn.SyncBatchNorm: NormHandler,
     nn.LayerNorm: NormHandler, nn.GroupNorm: NormHandler,
-    nn.MultiheadAttention: OpaqueHandler,
+    nn.MultiheadAttention: None,  # filled below (attention.py)
     nn.ConvTranspose1d: OpaqueHandler, nn.ConvTranspose2d: OpaqueHandler,
     nn.Embedding: OpaqueHandler,
 }
+
+
+from .attention import MultiheadAttentionHandler  # noqa: E402
+
+HANDLERS[nn.MultiheadAttention] = MultiheadAttentionHandler
 
 
 def handler_for(module):

@@ -242,7 +242,8 @@ class CombTracer(TorchDispatchMode):
                 self.stack.append(name)
                 x = args[0] if args else next(iter(kwargs.values()))
                 o = out[0] if isinstance(out, tuple) else out
-                x_in = x if handler.kind != 'opaque' else (args, kwargs)
+                x_in = (args, kwargs) if handler.kind in ('opaque', 'mha') \
+                    else x
                 try:
                     info = handler.trace(self, name, mod, self.info(x)
                                          if isinstance(x, torch.Tensor)

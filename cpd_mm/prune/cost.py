@@ -43,6 +43,10 @@ class CostModel:
             elif rec['kind'] == 'linear':
                 self.items.append(('conv', cin, cout, dict(
                     k=1, g=1, bias=bias, sp=rec['spatial'])))
+            elif rec['kind'] == 'mha':
+                self.items.append(('mha', cin, cout, dict(
+                    qk=comb.classes(rec['qk']), v=comb.classes(rec['v']),
+                    bias=m.in_proj_bias is not None, sp=rec['tokens'])))
             elif rec['kind'] == 'norm':
                 per = own // max(len(rec['in']), 1)
                 self.items.append(('vec', cin, None, dict(per=per)))
@@ -82,6 +86,12 @@ class CostModel:
                 n = self._count(cin, kept)
                 params += n * (c['k'] + c['bias'])
                 flops += n * c['k'] * c['sp']
+            elif kind == 'mha':
+                i, o = self._count(cin, kept), self._count(cout, kept)
+                qk, v = self._count(c['qk'], kept), self._count(c['v'], kept)
+                rows = 2 * qk + v
+                params += rows * i + o * v + (rows + o if c['bias'] else 0)
+                flops += c['sp'] * (rows * i + o * v + c['sp'] * (qk + v))
             else:
                 params += self._count(cin, kept) * c['per']
         return params + self.fixed, flops
@@ -106,6 +116,16 @@ class CostModel:
                 for cls, per in ((cin, per_in), (cout, per_out)):
                     ok = cls[cls >= 0]
                     np.add.at(save, ok, per)
+            elif kind == 'mha':
+                i, o = self._count(cin, kept), self._count(cout, kept)
+                qk, v = self._count(c['qk'], kept), self._count(c['v'], kept)
+                f = c['sp'] if metric == 'flops' else 1
+                b = 1 if c['bias'] and metric == 'params' else 0
+                for cls, per in ((cin, (2 * qk + v) * f),
+                                 (cout, (v + b) * f),
+                                 (c['qk'], 2 * (i + b) * f),
+                                 (c['v'], (i + o + b) * f)):
+                    np.add.at(save, cls[cls >= 0], per)
             elif kind == 'dw':
                 ok = cin[cin >= 0]
                 per = c['k'] * (c['sp'] if metric == 'flops' else 1) + (

@@ -63,6 +63,9 @@ class ChannelGates:
             idx = comb.classes(rec['in'])
             idx = torch.as_tensor(np.where(idx >= 0, idx, comb.num_classes))
             self._patch_norm(modules[name], idx)
+        for name, rec in comb.records.items():
+            if rec['kind'] == 'mha':
+                self._patch_attention(modules[name], rec)
         self.set_kept(np.ones(comb.num_classes, dtype=bool))
 
     # ------------------------------------------------------------- masks
@@ -134,6 +137,25 @@ class ChannelGates:
                 if self_.weight is not None:
                     y = y * self_.weight.view(view) + self_.bias.view(view)
                 return y * g.view(view)
+        m.forward = types.MethodType(forward, m)
+        self._patched.append(m)
+
+    def _patch_attention(self, m, rec):
+        """nn.MultiheadAttention: removed channels are zero rows of its
+        in/out projections (its inner tensors have no module boundary)."""
+        from torch.nn.utils.stateless import _reparametrize_module
+        from ..comb.attention import masked_attention_params
+        gates, cls = self, self.comb.classes
+
+        def mask_of(atoms):
+            idx = torch.as_tensor(np.where(cls(atoms) >= 0, cls(atoms),
+                                           self.comb.num_classes))
+            return gates._gate(idx, m.in_proj_weight)
+
+        def forward(self_, *args, **kwargs):
+            params = masked_attention_params(self_, rec, mask_of)
+            with _reparametrize_module(self_, params):
+                return type(self_).forward(self_, *args, **kwargs)
         m.forward = types.MethodType(forward, m)
         self._patched.append(m)
 

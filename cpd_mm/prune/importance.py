@@ -39,6 +39,16 @@ def gate_parameters(model: nn.Module, comb: CombResult) -> List[Tuple]:
             normed.setdefault(rec['follows'], name)
     out = []
     for name, rec in comb.records.items():
+        if rec['kind'] == 'mha':
+            m = modules[name]
+            inner = comb.classes(np.concatenate([rec['qk'], rec['qk'],
+                                                 rec['v']]))
+            outc = comb.classes(rec['out'])
+            for p, cls in ((m.in_proj_weight, inner), (m.in_proj_bias, inner),
+                           (m.out_proj.weight, outc), (m.out_proj.bias, outc)):
+                if isinstance(p, nn.Parameter):
+                    out.append((p, 0, cls))
+            continue
         if 'out' not in rec or rec.get('dw'):
             continue
         src = normed.get(name, name)

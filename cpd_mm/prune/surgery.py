@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from ..comb.groups import CombResult
+from ..comb.attention import replace_pruned_attention
 from ..comb.modules import _keep_param, handler_for
 from ..comb.space import along
 
@@ -44,12 +45,19 @@ def _fold_attention_scales(model, comb, keep):
                 m.bias[rows] *= f
 
 
+# shape arguments of reshaping calls (one level of nested parentheses)
+_SHAPE_CALL = re.compile(r'\b(?:reshape|view|unflatten|expand)\('
+                         r'(?:[^()]|\([^()]*\))*\)')
+
+
 def _forward_source(module):
-    """Source of the module's class (forward and its helper methods)."""
+    """The reshaping calls in the module's class source (forward and its
+    helper methods): only attributes used there are shape arguments."""
     try:
-        return inspect.getsource(type(module))
+        src = inspect.getsource(type(module))
     except (OSError, TypeError):
         return ''
+    return '\n'.join(_SHAPE_CALL.findall(src))
 
 
 def _update_view_attributes(model, comb, keep):
@@ -101,6 +109,9 @@ def prune_model(model: nn.Module, comb: CombResult,
     _fold_attention_scales(model, comb, keep)
     modules = dict(model.named_modules())
     for name, rec in comb.records.items():
+        if rec['kind'] == 'mha':
+            replace_pruned_attention(model, name, rec, keep)
+            continue
         handler = handler_for(modules[name])
         handler.prune(modules[name], rec, keep)
     done = {}
