@@ -6,7 +6,7 @@ import torch
 from torch.utils._pytree import tree_flatten
 
 from cpd_mm.comb import comb_model, default_forward
-from cpd_mm.prune import ChannelGates, prune_model
+from cpd_mm.prune import ChannelGates, CostModel, prune_model
 
 TOL = 1e-5
 
@@ -55,6 +55,8 @@ def assert_equivalent(model, shape, ratio=0.5, seed=0, leave_one=False,
     pruned = prune_model(copy.deepcopy(model), comb, kept)
     n1 = sum(p.numel() for p in pruned.parameters())
     assert n1 < n0, 'surgery removed no parameter'
+    # the hook's sparsity is counted by the cost model: it must be exact
+    assert CostModel(model, comb).params(kept) == n1
     with torch.no_grad():
         small = _outs(pruned, x, forward)
     assert len(gated) == len(small)

@@ -57,6 +57,24 @@ def complexity(model, shape):
         return sum(p.numel() for p in model.parameters()), None
 
 
+def drop_pretrained(cfg):
+    """Random weights are enough to check the structure: drop
+    ``pretrained=...`` and ``init_cfg=dict(type='Pretrained', ...)``."""
+    if isinstance(cfg, dict):
+        out = {}
+        for k, v in cfg.items():
+            if k == 'pretrained':
+                continue
+            if k == 'init_cfg' and isinstance(v, dict) and \
+                    v.get('type') == 'Pretrained':
+                continue
+            out[k] = drop_pretrained(v)
+        return type(cfg)(out) if not hasattr(cfg, 'to_dict') else out
+    if isinstance(cfg, (list, tuple)):
+        return type(cfg)(drop_pretrained(v) for v in cfg)
+    return cfg
+
+
 def random_plan(comb, ratio, seed):
     rng = np.random.default_rng(seed)
     kept = np.ones(comb.num_classes, dtype=bool)
@@ -95,7 +113,7 @@ def main():
     model_cfg = cfg.model
     if model_cfg.get('type') == 'CPDDistiller':
         model_cfg = model_cfg.student
-    model = MODELS.build(model_cfg)
+    model = MODELS.build(drop_pretrained(model_cfg))
     if hasattr(model, 'init_weights'):
         model.init_weights()
     model.eval()

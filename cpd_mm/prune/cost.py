@@ -25,7 +25,9 @@ class CostModel:
         handled = 0
         for name, rec in comb.records.items():
             m = modules[name]
-            own = sum(p.numel() for p in m.parameters(recurse=False))
+            # an attention module's out_proj is part of the record
+            own = sum(p.numel() for p in m.parameters(
+                recurse=rec['kind'] == 'mha'))
             handled += own
             cin = comb.classes(rec['in']) if 'in' in rec else None
             cout = comb.classes(rec['out']) if 'out' in rec else None
