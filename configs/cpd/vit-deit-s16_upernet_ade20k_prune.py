@@ -4,10 +4,10 @@ unpruned model.
 
     python tools/train.py configs/cpd/vit-deit-s16_upernet_ade20k_prune.py
 
-Note: MMSegmentation's ViT uses ``nn.MultiheadAttention`` (through mmcv),
-whose inner width is tied to the residual width; comb freezes those channels
-and says so (tools/check_pruning.py). The MLP hidden widths, the neck and the
-UPerNet head (including its auxiliary FCN head) are pruned.
+MMSegmentation's ViT uses ``nn.MultiheadAttention`` (through mmcv); comb
+prunes it as a stop op and surgery replaces it by a decoupled drop-in
+(``PrunedMultiheadAttention``), so the residual stream, the head dims, the
+MLPs, the neck and the UPerNet head (with its auxiliary head) all shrink.
 """
 _base_ = ['mmseg::vit/vit_deit-s16_upernet_8xb2-80k_ade20k-512x512.py']
 custom_imports = dict(imports=['cpd_mm'], allow_failed_imports=False)
