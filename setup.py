@@ -24,6 +24,7 @@ setup(
         'torch>=2.1',
         'torchvision>=0.16',
         'numpy',
+        'Pillow',  # the demo data generator writes images with it
         'mmengine>=0.10.0,<0.11',
         # MMSegmentation 1.2.2 asserts mmcv < 2.2.0, and imports mmcv.ops,
         # so mmcv must be the full build (not mmcv-lite).

@@ -1,9 +1,10 @@
 """--cfg-options validation and the shared CLI helpers (cpd_mm.utils.cli)."""
 import pytest
 from mmengine.config import Config
+from mmengine.device import get_device
 
-from cpd_mm.utils.cli import (CLIError, check_cfg_options, load_config,
-                              merge_cfg_options)
+from cpd_mm.utils.cli import (CLIError, check_cfg_options, check_launcher,
+                              load_config, merge_cfg_options)
 
 
 @pytest.fixture
@@ -63,3 +64,10 @@ def test_load_config_errors(tmp_path):
     with pytest.raises(CLIError, match='cannot read config'):
         load_config(str(bad))
     assert load_config(str(tmp_path / 'my_config.py')).a == 1
+
+
+@pytest.mark.skipif(get_device() != 'cpu', reason='only fails without GPUs')
+def test_launcher_without_gpu_is_a_clear_error():
+    with pytest.raises(CLIError, match='--launcher pytorch needs GPUs'):
+        check_launcher('pytorch')
+    check_launcher('none')

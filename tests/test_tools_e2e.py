@@ -105,6 +105,19 @@ def _fails(tool, argv, capsys, monkeypatch, repo_root):
     return err
 
 
+def _child_config(tmp_path, repo_root, base, extra=''):
+    """A config in ``tmp_path`` inheriting ``base``, plus ``extra`` lines.
+
+    Runners built in-process within the same second would share one logger
+    (named after the experiment and a timestamp) whose stream is a previous
+    test's closed capture: a unique experiment name avoids that.
+    """
+    path = tmp_path / 'child.py'
+    path.write_text(f"_base_ = ['{osp.join(repo_root, base)}']\n"
+                    f"experiment_name = '{tmp_path.name}'\n{extra}\n")
+    return path
+
+
 @pytest.fixture(scope='module')
 def train_tool(repo_root):
     return _load_tool(repo_root, 'train')
@@ -142,7 +155,8 @@ def test_corrupt_checkpoint(test_tool, capsys, monkeypatch, repo_root,
                             tmp_path, tiny_cls_data):
     bad = tmp_path / 'corrupt.pth'
     bad.write_bytes(b'\x00' * 100)
-    err = _fails(test_tool, [CLS_CFG, bad, '--work-dir', tmp_path,
+    cfg = _child_config(tmp_path, repo_root, CLS_CFG)
+    err = _fails(test_tool, [cfg, bad, '--work-dir', tmp_path,
                              *_shrink(tiny_cls_data, 1, 8)],
                  capsys, monkeypatch, repo_root)
     assert 'corrupt.pth' in err and 'corrupt' in err
@@ -154,9 +168,8 @@ def test_corrupt_checkpoint(test_tool, capsys, monkeypatch, repo_root,
 ])
 def test_hook_argument_error(train_tool, capsys, monkeypatch, repo_root,
                              tmp_path, hook, expect):
-    cfg = tmp_path / 'bad_hook.py'
-    cfg.write_text(f"_base_ = ['{osp.join(repo_root, CLS_CFG)}']\n"
-                   f'custom_hooks = [{hook}]\n')
+    cfg = _child_config(tmp_path, repo_root, CLS_CFG,
+                        f'custom_hooks = [{hook}]')
     err = _fails(train_tool, [cfg, '--work-dir', tmp_path], capsys,
                  monkeypatch, repo_root)
     assert 'cannot build the runner' in err and expect in err

@@ -22,8 +22,8 @@ from mmengine.evaluator import DumpResults  # noqa: E402
 
 import cpd_mm  # noqa: F401,E402  (registers modules, safe checkpoint loading)
 from cpd_mm.utils.cli import (  # noqa: E402
-    CLIError, build_runner, check_file, load_config, merge_cfg_options,
-    prepare_checkpoint, run_cli, set_local_rank)
+    CLIError, build_runner, check_file, check_launcher, load_config,
+    merge_cfg_options, prepare_checkpoint, run_cli, set_local_rank)
 
 
 def parse_args(argv=None):
@@ -86,6 +86,7 @@ def merge_args(cfg, args):
 
 def main(argv=None):
     args = parse_args(argv)
+    check_launcher(args.launcher)
     if args.out is not None and not args.out.endswith(('.pkl', '.pickle')):
         raise CLIError(f'--out must be a .pkl or .pickle file, got {args.out}')
     cfg = load_config(args.config)

@@ -20,8 +20,8 @@ from mmengine.config import DictAction  # noqa: E402
 
 import cpd_mm  # noqa: F401,E402  (registers modules, safe checkpoint loading)
 from cpd_mm.utils.cli import (  # noqa: E402
-    CLIError, build_runner, check_file, prepare_checkpoint, load_config,
-    merge_cfg_options, run_cli, set_local_rank)
+    CLIError, build_runner, check_file, check_launcher, prepare_checkpoint,
+    load_config, merge_cfg_options, run_cli, set_local_rank)
 
 
 def parse_args(argv=None):
@@ -87,6 +87,7 @@ def merge_args(cfg, args):
 
 def main(argv=None):
     args = parse_args(argv)
+    check_launcher(args.launcher)
     cfg = load_config(args.config)
     merge_cfg_options(cfg, args.cfg_options)
     merge_args(cfg, args)

@@ -12,6 +12,7 @@ import sys
 from typing import Any, Callable, Dict, Iterable, List, Optional, Union
 
 from mmengine.config import Config
+from mmengine.device import get_device
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 from mmengine.runner.checkpoint import _load_checkpoint
@@ -21,7 +22,7 @@ from .checkpoint import CheckpointLoadError
 __all__ = [
     'CLIError', 'run_cli', 'load_config', 'merge_cfg_options',
     'check_cfg_options', 'check_file', 'build_runner', 'prepare_checkpoint',
-    'set_local_rank'
+    'set_local_rank', 'check_launcher'
 ]
 
 # Exceptions raised while building a runner that stem from the config:
@@ -138,6 +139,19 @@ def set_local_rank(local_rank: int) -> None:
         os.environ['LOCAL_RANK'] = str(local_rank)
 
 
+def check_launcher(launcher: str) -> None:
+    """Fail early if a distributed launcher cannot start on this machine.
+
+    mmengine 0.10's launchers call ``torch.cuda.set_device`` (unless an NPU,
+    MLU or MUSA device is present), so on a CPU-only machine they end in a
+    deep CUDA traceback; say so in one line instead.
+    """
+    if launcher != 'none' and get_device() in ('cpu', 'mps'):
+        raise CLIError(f'--launcher {launcher} needs GPUs (mmengine sets a '
+                       'CUDA device per process); on this CPU-only machine '
+                       'run without --launcher')
+
+
 def build_runner(cfg: Config) -> Runner:
     """Build the runner the config asks for (``runner_type``, else Runner).
 
@@ -162,11 +176,11 @@ def prepare_checkpoint(runner_or_cfg: Union[Runner, Config],
                        checkpoint_path: str, training: bool = False) -> dict:
     """Check a checkpoint before it is evaluated; return its content.
 
-    Called by tools/test.py after the runner is built and before
-    ``runner.test()`` loads the weights, so that the model can be adapted to
-    the checkpoint first. Today it only checks that the file exists and is
-    loadable (with the safe globals of :mod:`cpd_mm.utils.checkpoint`) and,
-    if it holds a pruning plan, prunes the runner's model to it and loads
+    Called by tools/test.py (and tools/train.py for ``load_from``) after the
+    runner is built and before the runner loads the weights, so that the
+    model can be adapted to the checkpoint first. It checks that the file
+    exists and is loadable (with the safe globals of
+    :mod:`cpd_mm.utils.checkpoint`) and, if it holds a pruning plan, prunes the runner's model to it and loads
     the weights (:func:`cpd_mm.prune.loading.load_into_runner`), so a pruned
     checkpoint works with the original, unpruned config.
 
