@@ -9,7 +9,6 @@ from mmengine.registry import MODELS, init_default_scope
 from mmengine.utils import get_installed_path
 
 import cpd_mm  # noqa: F401
-from cpd_mm.comb import comb_model
 from equivalence import assert_equivalent
 
 

@@ -5,7 +5,6 @@ keeps float32 rounding (which e.g. a GroupNorm left with one channel per
 group amplifies to ~1e-5 on some random networks) out of the verdict. The
 named architectures are checked in float32 at 1e-5 elsewhere.
 """
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

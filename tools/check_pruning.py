@@ -9,7 +9,6 @@ Exit status: 0 if the invariant holds, 1 if it fails, 2 on bad input.
 import argparse
 import copy
 import json
-import os
 import os.path as osp
 import sys
 import time

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .space import TensorInfo, along, channel_axis
+from .space import TensorInfo
 
 
 class PrunedMultiheadAttention(nn.Module):

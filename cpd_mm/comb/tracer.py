@@ -148,7 +148,7 @@ class CombTracer(TorchDispatchMode):
             self.views.append(dict(module=self.stack[-1], size=out.shape[ch],
                                    atoms=along(ids, ch, out.shape[ch])))
 
-    def record_sdpa(self, q, info, old_sqrt_dim):
+    def record_sdpa(self, q, info):
         self.sdpa.append(dict(module=self.stack[-1] if self.stack else '',
                               producer=info.lin, q_ids=info.ids,
                               head_dim=q.shape[-1]))

@@ -10,18 +10,13 @@ function (the equivalence invariant).
 Gates live outside the model's module tree, so its ``state_dict`` is
 unchanged; the mask is plain data that the pruning hook checkpoints.
 """
-import inspect
 import types
 from collections import defaultdict
-from typing import Optional
-
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..comb.groups import CombResult
-from ..comb.space import along
 
 
 class ChannelGates:
