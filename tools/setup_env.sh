@@ -54,7 +54,11 @@ PY
   say "torch $("$PY" -c 'import torch;print(torch.__version__)') and torchvision already work: keeping them"
 else
   say "installing torch==$TORCH_VER torchvision==$TV_VER"
-  "${PIP[@]}" install "torch==$TORCH_VER" "torchvision==$TV_VER" \
+  # (this machine's pip config lists local indexes that warn on every
+  # package; keep the log readable)
+  "${PIP[@]}" install -q "torch==$TORCH_VER" "torchvision==$TV_VER" 2>&1 \
+    | grep -v 'is ignored: it is neither' || true
+  "$PY" -c 'import torch, torchvision' \
     || fail "torch/torchvision install failed"
 fi
 
