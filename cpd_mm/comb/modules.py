@@ -83,7 +83,7 @@ class ConvHandler:
             outs = tr.new_atoms(cout // g)
             outs = np.tile(outs, g)
             _merge(tr, rec, 'out', outs)
-            tr.add_producer(name, rec['out'], out, granularity=g)
+            tr.add_producer(name, rec['out'], out)
         shape = [1] * out.dim()
         shape[1] = cout
         # removed output channels are not zero (weights stay): gate needed
@@ -211,12 +211,12 @@ HANDLERS = {
     nn.BatchNorm1d: NormHandler, nn.BatchNorm2d: NormHandler,
     nn.BatchNorm3d: NormHandler, nn.SyncBatchNorm: NormHandler,
     nn.LayerNorm: NormHandler, nn.GroupNorm: NormHandler,
-    nn.MultiheadAttention: None,  # filled below (attention.py)
     nn.ConvTranspose1d: OpaqueHandler, nn.ConvTranspose2d: OpaqueHandler,
     nn.Embedding: OpaqueHandler,
 }
 
 
+# attention.py imports helpers from this file, so its entry comes last
 from .attention import MultiheadAttentionHandler  # noqa: E402
 
 HANDLERS[nn.MultiheadAttention] = MultiheadAttentionHandler

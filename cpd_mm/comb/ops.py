@@ -127,8 +127,7 @@ def _binary(kind):
 
 
 for _n in ('add', 'add_', 'sub', 'sub_', 'rsub', 'maximum', 'minimum',
-           'where', 'lerp', 'addcmul', 'masked_fill', 'masked_fill_',
-           'copy_', 'fmod', 'eq', 'ne', 'gt', 'lt', 'ge', 'le'):
+           'lerp', 'addcmul', 'masked_fill', 'masked_fill_', 'fmod', 'eq', 'ne', 'gt', 'lt', 'ge', 'le'):
     RULES[_n] = _binary('add')
 for _n in ('mul', 'mul_', 'bitwise_and', 'logical_and'):
     RULES[_n] = _binary('mul')

@@ -133,9 +133,9 @@ class CombTracer(TorchDispatchMode):
     def module_record(self, name, kind):
         return self.records.setdefault(name, dict(kind=kind))
 
-    def add_producer(self, name, atoms, out, granularity=1):
+    def add_producer(self, name, atoms, out):
         self.producers.append(dict(
-            name=name, atoms=atoms, granularity=granularity,
+            name=name, atoms=atoms,
             numel_per_channel=out.numel() // max(len(atoms), 1)))
 
     def add_channelwise(self, name, atoms, norm=False, src_lin=None):

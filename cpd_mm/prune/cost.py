@@ -98,6 +98,10 @@ class CostModel:
                 params += self._count(cin, kept) * c['per']
         return params + self.fixed, flops
 
+    def measure(self, kept: np.ndarray):
+        """``(params, flops)`` of the deployed model for ``kept``."""
+        return self._costs(kept)
+
     def params(self, kept: np.ndarray) -> int:
         return self._costs(kept)[0]
 

@@ -136,7 +136,7 @@ class CPDPruningHook(Hook):
         self.saved = []
         if self._resume_state is not None:
             self._restore(self._resume_state)
-        self.gates.set_kept(self.kept)
+        self._set_kept(self.kept)
         n = len(self.comb.prunable_groups)
         runner.logger.info(
             f'CPD: combed {type(student).__name__}: {len(self.comb.groups)} '
@@ -148,15 +148,18 @@ class CPDPruningHook(Hook):
             raise RuntimeError('CPD: no prunable channel group was found; '
                                'run tools/check_pruning.py on this config')
 
-    def _measure(self, kept):
-        return (self.cost.params(kept) if self.target == 'params'
-                else self.cost.flops(kept))
+    def _set_kept(self, kept):
+        """Apply a mask; deployed params/FLOPs are measured once here, not
+        on every training iteration."""
+        self.kept = kept
+        self.gates.set_kept(kept)
+        self._params, self._flops = self.cost.measure(kept)
 
-    def sparsity(self, kept=None) -> float:
-        kept = self.kept if kept is None else kept
-        total = (self.cost.total_params if self.target == 'params'
-                 else self.cost.total_flops)
-        return 1.0 - self._measure(kept) / total
+    def sparsity(self) -> float:
+        """Current sparsity of the deployed structure (params or FLOPs)."""
+        if self.target == 'params':
+            return 1.0 - self._params / self.cost.total_params
+        return 1.0 - self._flops / self.cost.total_flops
 
     # ---------------------------------------------------------- training
     def after_train_iter(self, runner, batch_idx, data_batch=None,
@@ -169,9 +172,9 @@ class CPDPruningHook(Hook):
             self._prune_step(runner, cur)
         hub = runner.message_hub
         hub.update_scalar('train/cpd_sparsity', self.sparsity())
-        hub.update_scalar('train/cpd_params_M', self.cost.params(self.kept) / 1e6)
+        hub.update_scalar('train/cpd_params_M', self._params / 1e6)
         hub.update_scalar('train/cpd_flops_ratio',
-                          self.cost.flops(self.kept) / self.cost.total_flops)
+                          self._flops / self.cost.total_flops)
         hub.update_scalar('train/cpd_active_channels', int(self.kept.sum()))
 
     def _prune_step(self, runner, cur):
@@ -189,16 +192,15 @@ class CPDPruningHook(Hook):
             scores = normalise_by_memory(scores, self.comb, self.kept)
         total = (self.cost.total_params if self.target == 'params'
                  else self.cost.total_flops)
-        self.kept = select_channels(scores, self.kept, self.comb, self.cost,
-                                    (1 - goal) * total, self.target,
-                                    self.min_channels)
-        self.gates.set_kept(self.kept)
+        self._set_kept(select_channels(scores, self.kept, self.comb,
+                                       self.cost, (1 - goal) * total,
+                                       self.target, self.min_channels))
         self.scorer.reset()
         self.steps += 1
         runner.logger.info(
             f'CPD step {self.steps} at iter {cur}: sparsity '
             f'{self.sparsity():.3f} (goal {goal:.3f}), params '
-            f'{self.cost.params(self.kept) / 1e6:.3f} M, active channels '
+            f'{self._params / 1e6:.3f} M, active channels '
             f'{int(self.kept.sum())}/{self.comb.num_classes}')
         for s in self.save_at:
             if s not in self.saved and self.sparsity() >= s - 1e-3:
