@@ -136,10 +136,21 @@ def test_plan_mismatch_is_refused(tmp_path):
     (dict(begin_iter=10, end_iter=5), 'end_iter'),
     (dict(target='latency'), 'target'),
     (dict(input_shape=(3, 8)), 'input_shape'),
+    (dict(round_to=0), 'round_to'),
 ])
 def test_hook_arguments_are_validated(kwargs, match):
     with pytest.raises(ValueError, match=match):
         CPDPruningHook(**kwargs)
+
+
+def test_round_to_keeps_multiples(tmp_path):
+    runner = make_runner(str(tmp_path), 12, round_to=8)
+    runner.train()
+    plan = kept_of(str(tmp_path))
+    widths = {name: len(g['kept']) for name, g in plan['groups'].items()}
+    assert any(w < plan['groups'][n]['num_channels']
+               for n, w in widths.items()), widths
+    assert all(w % 8 == 0 for w in widths.values()), widths
 
 
 def _ddp_worker(rank, world, port, out_dir):

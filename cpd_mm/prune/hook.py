@@ -50,6 +50,10 @@ class CPDPruningHook(Hook):
         input_shape (Sequence[int]): example input for combing. Default:
             (1, 3, 224, 224).
         min_channels (int): channels every group keeps at least. Default: 1.
+        round_to (int): every group keeps a multiple of ``round_to``
+            channels (or all of them), e.g. 8 or 16 for the vector width of
+            the deployment runtime; groups narrower than that are not
+            pruned. Default: 1.
         save_pruned (bool): write ``pruned_final.pth`` (physically pruned
             weights, plan in ``meta['cpd_plan']``) after training. Default:
             True.
@@ -72,8 +76,9 @@ class CPDPruningHook(Hook):
                  end_iter: Optional[int] = None, importance: str = 'hessian',
                  memory_norm: bool = True, exclude: Sequence[str] = (),
                  input_shape: Sequence[int] = (1, 3, 224, 224),
-                 min_channels: int = 1, save_pruned: bool = True,
-                 save_at: Sequence[float] = (), seed: int = 0):
+                 min_channels: int = 1, round_to: int = 1,
+                 save_pruned: bool = True, save_at: Sequence[float] = (),
+                 seed: int = 0):
         if not isinstance(target_sparsity, (int, float)) or \
                 not 0 < target_sparsity < 1:
             raise ValueError('`target_sparsity` must be in (0, 1), but got '
@@ -100,6 +105,9 @@ class CPDPruningHook(Hook):
         if not isinstance(min_channels, int) or min_channels < 1:
             raise ValueError(f'`min_channels` must be >= 1, but got '
                              f'{min_channels!r}')
+        if not isinstance(round_to, int) or round_to < 1:
+            raise ValueError(f'`round_to` must be an int >= 1, but got '
+                             f'{round_to!r}')
         for s in save_at:
             if not 0 < s <= target_sparsity:
                 raise ValueError(f'`save_at` entries must be in (0, '
@@ -111,7 +119,8 @@ class CPDPruningHook(Hook):
         self.importance, self.memory_norm = importance, memory_norm
         self.exclude = list(exclude)
         self.input_shape = [int(s) for s in input_shape]
-        self.min_channels, self.save_pruned = min_channels, save_pruned
+        self.min_channels, self.round_to = min_channels, round_to
+        self.save_pruned = save_pruned
         self.save_at = sorted(float(s) for s in save_at)
         self.seed = seed
         self.steps = 0
@@ -194,7 +203,8 @@ class CPDPruningHook(Hook):
                  else self.cost.total_flops)
         self._set_kept(select_channels(scores, self.kept, self.comb,
                                        self.cost, (1 - goal) * total,
-                                       self.target, self.min_channels))
+                                       self.target, self.min_channels,
+                                       self.round_to))
         self.scorer.reset()
         self.steps += 1
         runner.logger.info(

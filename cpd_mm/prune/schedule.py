@@ -7,45 +7,54 @@ from .cost import CostModel
 
 def select_channels(scores: np.ndarray, kept: np.ndarray, comb: CombResult,
                     cost: CostModel, target: float, metric: str = 'params',
-                    min_channels: int = 1) -> np.ndarray:
+                    min_channels: int = 1, round_to: int = 1) -> np.ndarray:
     """Remove the lowest-scoring channels until ``metric`` of the deployed
     model is at most ``target`` (an absolute count).
 
     Channels are compared across all groups; frozen channels and the last
-    ``min_channels`` of every group are never removed.  Savings are summed
-    with marginal costs and checked exactly after each round, so the result
-    lands on the budget within one channel's cost.
+    ``min_channels`` of every group are never removed.  With ``round_to > 1``
+    every group keeps a multiple of ``round_to`` channels (or all of them):
+    channels leave a group in chunks (first down to the next multiple, then
+    ``round_to`` at a time) ranked by their mean score, and a group keeps at
+    least ``min_channels`` rounded up to a multiple of ``round_to``.  Savings
+    are summed with marginal costs and checked exactly after each round, so
+    the result lands on the budget within one chunk's cost.
 
     Returns:
         The new keep-mask (``kept`` is not modified).
     """
     kept = kept.copy()
     measure = cost.params if metric == 'params' else cost.flops
-    left = {i: int(kept[g.classes].sum()) for i, g in enumerate(comb.groups)}
+    floor = -(-max(min_channels, round_to) // round_to) * round_to
     for _ in range(20):
         current = measure(kept)
         if current <= target:
             break
         saving = cost.marginal(kept, metric)
-        cand = np.nonzero(kept & ~comb.frozen_classes & (saving > 0))[0]
-        if cand.size == 0:
+        removable = kept & ~comb.frozen_classes & (saving > 0)
+        chunks = []  # (mean score, group, position in group, classes)
+        for gi, g in enumerate(comb.groups):
+            left = int(kept[g.classes].sum())
+            cand = g.classes[removable[g.classes]]
+            cand = cand[np.lexsort((cand, scores[cand]))]
+            size = left % round_to or round_to
+            pos = 0
+            while left - size >= floor and pos + size <= cand.size:
+                members = cand[pos:pos + size]
+                chunks.append((float(scores[members].mean()), gi, pos,
+                               members))
+                left, pos, size = left - size, pos + size, round_to
+        if not chunks:
             break
-        cand = cand[np.argsort(scores[cand], kind='stable')]
+        # a group's chunks have non-decreasing means: ties keep their order
+        chunks.sort(key=lambda c: c[:3])
         need = current - target
         got = 0.0
-        removed = 0
-        for c in cand:
-            gi = int(comb.group_of_class[c])
-            if gi < 0 or left[gi] <= min_channels:
-                continue
-            kept[c] = False
-            left[gi] -= 1
-            got += saving[c]
-            removed += 1
+        for _, _, _, members in chunks:
+            kept[members] = False
+            got += float(saving[members].sum())
             if got >= need:
                 break
-        if removed == 0:
-            break
     return kept
 
 
