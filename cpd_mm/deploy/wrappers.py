@@ -100,12 +100,14 @@ def _type_name(transform) -> str:
     return name.split('.')[-1]  # 'mmpretrain.CenterCrop' -> 'CenterCrop'
 
 
-def _hw_from_wh(size) -> Optional[Tuple[int, int]]:
-    """mmcv transforms take sizes as int or (w, h)."""
+def _hw(size, order: str = 'hw') -> Optional[Tuple[int, int]]:
+    """A size as (h, w). mmpretrain/mmseg random crops take int or (h, w);
+    mmcv transforms take int or (w, h) (``order='wh'``)."""
     if isinstance(size, int):
         return size, size
     if isinstance(size, (tuple, list)) and len(size) == 2:
-        return int(size[1]), int(size[0])
+        h, w = (size[0], size[1]) if order == 'hw' else (size[1], size[0])
+        return int(h), int(w)
     return None
 
 
@@ -117,15 +119,6 @@ def _pipeline(cfg, split):
                                                    dict):
         dataset = dataset['dataset']
     return dataset.get('pipeline') or cfg.get(f'{split}_pipeline') or []
-
-
-def _hw(size) -> Optional[Tuple[int, int]]:
-    """mmpretrain/mmseg random crops take sizes as int or (h, w)."""
-    if isinstance(size, int):
-        return size, size
-    if isinstance(size, (tuple, list)) and len(size) == 2:
-        return int(size[0]), int(size[1])
-    return None
 
 
 def _pipeline_shape(pipeline, train=False):
@@ -145,11 +138,11 @@ def _pipeline_shape(pipeline, train=False):
             if key and t.get(key) is not None:
                 shape, source = _hw(t[key]), f'train pipeline {name}.{key}'
         elif name == 'CenterCrop' and t.get('crop_size') is not None:
-            shape = _hw_from_wh(t['crop_size'])
+            shape = _hw(t['crop_size'], 'wh')
             source = 'test pipeline CenterCrop.crop_size'
         elif (name == 'Resize' and not t.get('keep_ratio', False)
               and t.get('scale') is not None):
-            shape = _hw_from_wh(t['scale'])
+            shape = _hw(t['scale'], 'wh')
             source = 'test pipeline Resize.scale'
     return shape, source
 
