@@ -2,7 +2,8 @@
 
     python benchmarks/ablation.py cls [--importance hessian taylor l1 random]
         [--distill kl none] [--sparsity 0.3 0.5 0.7] [--seeds 0 1]
-        [--reference] [--jobs 2] [--json F] [--plot F.png]
+        [--reference] [--round-to N] [--teacher CKPT] [--jobs 2]
+        [--json F] [--plot F.png]
     python benchmarks/ablation.py seg [--distill cwd cirkd none] ...
 
 Every variant starts from the same trained baseline (train it first with
@@ -14,6 +15,10 @@ Prints a table of every run, a table of means over seeds, and writes JSON.
 ``--reference`` adds the unpruned baseline fine-tuned with the same schedule
 (no hook, no teacher), which separates what pruning costs from what the extra
 fine-tuning gains.
+
+``--teacher CKPT`` distils from that checkpoint (built with the base config)
+instead of the unpruned starting model; ``--round-to N`` sets the hook's
+``round_to``.
 
 Each finished run stores ``result.json`` in its work dir and is reused on the
 next invocation (``--rerun`` ignores them), so an interrupted grid resumes.
@@ -65,9 +70,10 @@ def last_float(pattern, text):
     return float(found[-1])
 
 
-def run(args, s, ckpt, name, options, weights):
-    """Train the prune config with ``options``, test ``weights`` of its work
-    dir with the base config; reuse ``result.json`` of a finished run."""
+def run(args, s, ckpt, name, options, weights, config_extra=''):
+    """Train the prune config (plus ``config_extra`` lines) with
+    ``options``, test ``weights`` of its work dir with the base config; reuse
+    ``result.json`` of a finished run."""
     wd = osp.join(ROOT, args.work_dir, name)
     result = osp.join(wd, 'result.json')
     if osp.exists(result) and not args.rerun:
@@ -79,8 +85,14 @@ def run(args, s, ckpt, name, options, weights):
     os.makedirs(wd, exist_ok=True)
     log = osp.join(wd, 'ablation.log')
     open(log, 'w').close()
+    config = s['prune']
+    if config_extra:
+        config = osp.join(wd, 'ablation_config.py')
+        with open(config, 'w') as f:
+            f.write(f"_base_ = ['{osp.join(ROOT, s['prune'])}']\n"
+                    + config_extra)
     t = time.time()
-    train = sh([sys.executable, 'tools/train.py', s['prune'], '--work-dir', wd,
+    train = sh([sys.executable, 'tools/train.py', config, '--work-dir', wd,
                 '--cfg-options', f'load_from={ckpt}', *options], log)
     if weights == 'last_checkpoint':  # a text file naming the checkpoint
         with open(osp.join(wd, weights)) as f:
@@ -93,17 +105,27 @@ def run(args, s, ckpt, name, options, weights):
 
 
 def run_variant(args, s, ckpt, imp, dist, sp, seed):
-    out = run(args, s, ckpt,
-              f'{args.task}_{imp}_{dist}_s{int(round(sp * 100))}_seed{seed}',
+    name = f'{args.task}_{imp}_{dist}_s{int(round(sp * 100))}_seed{seed}'
+    extra = ''
+    if args.round_to > 1:
+        name += f'_round{args.round_to}'
+    if args.teacher:  # a config for it: model.teacher is a string in base
+        name += f'_teacher-{osp.basename(osp.dirname(args.teacher))}'
+        extra = (f"model = dict(teacher=dict(_delete_=True, config="
+                 f"'{s['base']}', checkpoint='{args.teacher}'))\n")
+    out = run(args, s, ckpt, name,
               [f'model.distill={dist}', f'custom_hooks.0.importance={imp}',
                f'custom_hooks.0.target_sparsity={sp}',
+               f'custom_hooks.0.round_to={args.round_to}',
                'custom_hooks.0.save_at=[]', f'custom_hooks.0.seed={seed}',
-               f'randomness.seed={seed}'], 'pruned_final.pth')
+               f'randomness.seed={seed}'], 'pruned_final.pth', extra)
     if isinstance(out, dict):
         return out
     row, result = out
     train = row.pop('log')
-    row.update(importance=imp, distill=dist, sparsity=sp, seed=seed,
+    row.update(importance=imp, sparsity=sp, seed=seed,
+               distill=dist + ('+teacher' if args.teacher else ''),
+               round_to=args.round_to, teacher=args.teacher or 'self',
                params_M=last_float(r'cpd_params_M: ([0-9.]+)', train),
                flops_ratio=last_float(r'cpd_flops_ratio: ([0-9.]+)', train))
     with open(result, 'w') as f:
@@ -186,6 +208,11 @@ def main():
     ap.add_argument('--reference', action='store_true',
                     help='also fine-tune the unpruned baseline with the same '
                     'schedule (no pruning, no distillation), once per seed')
+    ap.add_argument('--round-to', type=int, default=1,
+                    help="the hook's round_to (default 1: no rounding)")
+    ap.add_argument('--teacher',
+                    help='teacher checkpoint (base config) instead of the '
+                    'unpruned starting model')
     ap.add_argument('--rerun', action='store_true',
                     help='ignore result.json of finished runs')
     ap.add_argument('--json', default=None)
@@ -243,8 +270,9 @@ def main():
     print(f'\n| importance | distillation | '
           + ' | '.join(f'{sp:.0%} params removed' for sp in spars) + ' |')
     print('|---|---|' + '---|' * len(spars))
-    for imp, dist in itertools.product(args.importance,
-                                       args.distill or s['distill']):
+    pairs = [(r['importance'], r['distill']) for r in rows
+             if r['importance'] != 'unpruned']
+    for imp, dist in dict.fromkeys(pairs):  # unique, in grid order
         cells = []
         for sp in spars:
             m = [r for r in summary if (r['importance'], r['distill'],

@@ -13,6 +13,7 @@ custom_imports = dict(imports=['cpd_mm'], allow_failed_imports=False)
 target_sparsity = 0.3     # fraction of parameters removed: edit this line
 distill = 'kl'            # 'kl' or 'none'
 importance = 'hessian'    # 'hessian' (paper), 'taylor', 'l1', 'random'
+round_to = 8              # channel counts in multiples of 8 (1: exact)
 
 load_from = 'checkpoints/mobilenet-v2_8xb32_in1k.pth'
 model = dict(
@@ -29,6 +30,7 @@ custom_hooks = [
         type='CPDPruningHook',
         target_sparsity=target_sparsity,
         importance=importance,
+        round_to=round_to,
         interval=500,
         begin_iter=500,
         end_iter=30000,

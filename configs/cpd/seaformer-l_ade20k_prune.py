@@ -14,6 +14,7 @@ _base_ = ['../seaformer/seaformer-l_8xb4-160k_ade20k-512x512.py']
 target_sparsity = 0.4     # fraction of parameters removed: edit this line
 distill = 'cwd'           # 'cwd' (paper's choice), 'cirkd', 'kl', 'none'
 importance = 'hessian'    # 'hessian' (paper), 'taylor', 'l1', 'random'
+round_to = 8              # channel counts in multiples of 8 (1: exact)
 
 load_from = 'checkpoints/seaformer/seaformer-l_ade20k.pth'
 model = dict(
@@ -29,6 +30,7 @@ custom_hooks = [
         type='CPDPruningHook',
         target_sparsity=target_sparsity,
         importance=importance,
+        round_to=round_to,
         interval=1000,
         begin_iter=1000,
         end_iter=40000,

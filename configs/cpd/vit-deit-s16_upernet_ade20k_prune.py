@@ -16,6 +16,7 @@ custom_imports = dict(imports=['cpd_mm'], allow_failed_imports=False)
 target_sparsity = 0.4     # fraction of parameters removed: edit this line
 distill = 'cwd'           # 'cwd' (paper's choice), 'cirkd', 'kl', 'none'
 importance = 'hessian'    # 'hessian' (paper), 'taylor', 'l1', 'random'
+round_to = 8              # channel counts in multiples of 8 (1: exact)
 
 load_from = 'checkpoints/vit-deit-s16_upernet_8xb2-80k_ade20k-512x512.pth'
 model = dict(
@@ -30,6 +31,7 @@ custom_hooks = [
         type='CPDPruningHook',
         target_sparsity=target_sparsity,
         importance=importance,
+        round_to=round_to,
         interval=1000,
         begin_iter=1000,
         end_iter=40000,

@@ -13,6 +13,7 @@ _base_ = ['./pspnet_r18_demo-seg.py']
 target_sparsity = 0.5     # fraction of parameters removed: edit this line
 distill = 'cwd'           # 'cwd' (paper's choice), 'cirkd', 'kl', 'none'
 importance = 'hessian'    # 'hessian' (paper), 'taylor', 'l1', 'random'
+round_to = 1              # 8: channel counts in multiples of 8
 
 load_from = 'work_dirs/pspnet_r18_demo-seg/epoch_20.pth'
 model = dict(
@@ -27,6 +28,7 @@ custom_hooks = [
         type='CPDPruningHook',
         target_sparsity=target_sparsity,
         importance=importance,
+        round_to=round_to,
         interval=10,
         begin_iter=10,
         end_iter=150,

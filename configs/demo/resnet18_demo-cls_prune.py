@@ -14,6 +14,7 @@ _base_ = ['./resnet18_demo-cls.py']
 target_sparsity = 0.5     # fraction of parameters removed: edit this line
 distill = 'kl'            # 'kl' or 'none' (classifiers)
 importance = 'hessian'    # 'hessian' (paper), 'taylor', 'l1', 'random'
+round_to = 8              # channel counts in multiples of 8 (1: exact)
 
 # the unpruned baseline is the starting point and the teacher
 load_from = 'work_dirs/resnet18_demo-cls/epoch_12.pth'
@@ -31,6 +32,7 @@ custom_hooks = [
         type='CPDPruningHook',
         target_sparsity=target_sparsity,
         importance=importance,
+        round_to=round_to,
         interval=8,
         begin_iter=8,
         end_iter=128,
