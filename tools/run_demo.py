@@ -10,8 +10,8 @@ On generated data and this CPU:
   5. print one table and write two plots (accuracy vs sparsity, kept
      channels per group) to the work dir.
 
-    python tools/run_demo.py [--work-dir work_dirs/demo] [--runs 300]
-        [--skip-baseline]
+    python tools/run_demo.py [--work-dir work_dirs/demo] [--runs 1000]
+        [--threads 1] [--skip-baseline]
 
 Every step runs the project's own tools (train.py, test.py, export_onnx.py)
 as a subprocess, so their logs and progress bars show as they go.
@@ -75,8 +75,11 @@ def plot_accuracy(points, path):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--work-dir', default='work_dirs/demo')
-    p.add_argument('--runs', type=int, default=300,
-                   help='timed onnxruntime runs per model (default 300)')
+    p.add_argument('--runs', type=int, default=1000,
+                   help='timed onnxruntime runs per model (default 1000)')
+    p.add_argument('--threads', type=int, default=1,
+                   help='onnxruntime intra-op threads (default 1: a 1 ms '
+                   'model gains nothing from more, its timing gets noisier)')
     p.add_argument('--skip-baseline', action='store_true',
                    help='reuse an existing baseline checkpoint')
     args = p.parse_args()
@@ -113,7 +116,8 @@ def main():
     report = osp.join(wd, 'onnx_compare.json')
     run([py, 'tools/export_onnx.py', BASE_CFG, final, '--out',
          osp.join(wd, 'pruned.onnx'), '--verify', '--benchmark', '--runs',
-         str(args.runs), '--compare-to', base_ckpt, '--json', report,
+         str(args.runs), '--threads', str(args.threads),
+         '--compare-to', base_ckpt, '--json', report,
          '--force'])
     with open(osp.join(ROOT, report)) as f:
         cmp = json.load(f)['compare']
