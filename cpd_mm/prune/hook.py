@@ -52,8 +52,8 @@ class CPDPruningHook(Hook):
         min_channels (int): channels every group keeps at least. Default: 1.
         round_to (int): every group keeps a multiple of ``round_to``
             channels (or all of them), e.g. 8 or 16 for the vector width of
-            the deployment runtime; groups narrower than that are not
-            pruned. Default: 1.
+            the deployment runtime; groups of ``round_to`` channels or
+            fewer are not pruned. Default: 1.
         save_pruned (bool): write ``pruned_final.pth`` (physically pruned
             weights, plan in ``meta['cpd_plan']``) after training. Default:
             True.
