@@ -16,8 +16,8 @@ For each model (MMPretrain, batch 1, 224x224):
 
 Example::
 
-    OMP_NUM_THREADS=2 python benchmarks/latency_resnet50_deit.py \\
-        --runs 200 --threads 2 --json latency.json
+    OMP_NUM_THREADS=1 python benchmarks/latency_resnet50_deit.py \\
+        --runs 200 --threads 1 [--json benchmarks/latency_resnet50_deit.json]
 
 On a busy machine use more runs and compare medians; the interleaving keeps
 the *ratio* fair even when absolute numbers drift.
@@ -65,9 +65,12 @@ def parse_args(argv=None):
                    '(default: CUDA if available, else CPU)')
     p.add_argument('--out-dir', help='keep the ONNX files here (default: a '
                    'temporary directory)')
-    p.add_argument('--json', help='write all results to this file')
+    p.add_argument('--round-to', type=int, default=1,
+                   help='keep channel counts multiples of this (default 1)')
+    p.add_argument('--json', default='benchmarks/latency_resnet50_deit.json',
+                   help='write all results to this file (replaced)')
     p.add_argument('--force', action='store_true',
-                   help='overwrite existing ONNX / JSON files')
+                   help='overwrite existing ONNX files in --out-dir')
     args = p.parse_args(argv)
     if not 0 < args.keep_flops <= 1:
         p.error(f'--keep-flops must be in (0, 1], got {args.keep_flops}')
@@ -82,14 +85,14 @@ def build(name):
     return get_model(MODELS[name], pretrained=False, device='cpu').eval()
 
 
-def prune_copy(model, keep_flops, importance):
+def prune_copy(model, keep_flops, importance, round_to=1):
     """A physically pruned deep copy keeping ``keep_flops`` of the FLOPs."""
     comb = comb_model(model, input_shape=INPUT)
     cost = CostModel(model, comb)
     scores = ImportanceAccumulator(model, comb, importance).current()
     kept = select_channels(scores, np.ones(comb.num_classes, dtype=bool),
                            comb, cost, keep_flops * cost.total_flops,
-                           metric='flops')
+                           metric='flops', round_to=round_to)
     pruned = copy.deepcopy(model)
     prune_model(pruned, comb, kept)
     removed = int((~kept).sum())
@@ -102,7 +105,8 @@ def run_model(name, args, out_dir, providers):
     print(f'== {name} ({MODELS[name]}), input {list(INPUT)}')
     start = time.time()
     original = build(name)
-    pruned = prune_copy(original, args.keep_flops, args.importance)
+    pruned = prune_copy(original, args.keep_flops, args.importance,
+                        args.round_to)
     entries = {}
     paths = []
     for label, model in (('original', original), ('pruned', pruned)):
@@ -127,6 +131,7 @@ def run_model(name, args, out_dir, providers):
     print(f'  ({time.time() - start:.0f} s)')
     return dict(model=MODELS[name], input_shape=list(INPUT),
                 keep_flops=args.keep_flops, importance=args.importance,
+                round_to=args.round_to,
                 **entries, **comparison(entries['original'],
                                         entries['pruned']))
 
@@ -149,7 +154,7 @@ def main(argv=None):
     if args.json:
         write_json(dict(threads=args.threads, runs=args.runs,
                         warmup=args.warmup, results=results), args.json,
-                   args.force)
+                   force=True)
         print(f'results written to {args.json}')
     return 0
 
