@@ -134,7 +134,7 @@ def run_variant(args, s, ckpt, imp, dist, sp, seed):
     return row
 
 
-def run_reference(args, s, ckpt, seed):
+def run_reference(args, s, ckpt, seed, params_M):
     """The unpruned baseline fine-tuned with the same schedule and no
     hook: what the fine-tuning budget alone gives."""
     out = run(args, s, ckpt, f'{args.task}_unpruned_seed{seed}',
@@ -144,11 +144,8 @@ def run_reference(args, s, ckpt, seed):
         return out
     row, result = out
     row.pop('log')
-    from cpd_mm.apis import init_model
-    params = sum(p.numel() for p in init_model(s['base'], device='cpu')
-                 .parameters())
     row.update(importance='unpruned', distill='none', sparsity=0.0,
-               seed=seed, params_M=round(params / 1e6, 4), flops_ratio=1.0)
+               seed=seed, params_M=params_M, flops_ratio=1.0)
     with open(result, 'w') as f:
         json.dump(row, f, indent=1)
     print(row, flush=True)
@@ -233,7 +230,12 @@ def main():
                                   args.sparsity, args.seeds))
     jobs = [lambda v=v: run_variant(args, s, ckpt, *v) for v in grid]
     if args.reference:
-        jobs = [lambda seed=seed: run_reference(args, s, ckpt, seed)
+        # built here, once: config loading is not thread-safe (pkg_resources)
+        from cpd_mm.apis import init_model
+        params_M = round(sum(p.numel() for p in init_model(
+            s['base'], device='cpu').parameters()) / 1e6, 4)
+        jobs = [lambda seed=seed: run_reference(args, s, ckpt, seed,
+                                                params_M)
                 for seed in args.seeds] + jobs
     print(f'{len(jobs)} runs, {args.jobs} at a time', flush=True)
     pool = ThreadPoolExecutor(args.jobs)
