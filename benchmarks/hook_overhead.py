@@ -43,10 +43,10 @@ def main():
     data = dict(inputs=list(x), data_samples=samples)
 
     comb = comb_model(model, input_shape=(1, 3, 32, 32))
-    kept = np.ones(comb.num_classes, bool)
+    kept = np.ones(comb.num_channels, bool)
     for g in comb.prunable_groups:
         free = np.nonzero(~g.frozen)[0]
-        kept[g.classes[free[::2]]] = False
+        kept[g.channels[free[::2]]] = False
 
     def step():
         model.train_step(data, optim)

@@ -90,13 +90,13 @@ def prune_copy(model, keep_flops, importance, round_to=1):
     comb = comb_model(model, input_shape=INPUT)
     cost = CostModel(model, comb)
     scores = ImportanceAccumulator(model, comb, importance).current()
-    kept = select_channels(scores, np.ones(comb.num_classes, dtype=bool),
+    kept = select_channels(scores, np.ones(comb.num_channels, dtype=bool),
                            comb, cost, keep_flops * cost.total_flops,
                            metric='flops', round_to=round_to)
     pruned = copy.deepcopy(model)
     prune_model(pruned, comb, kept)
     removed = int((~kept).sum())
-    print(f'  comb: {comb.num_classes} channels in {len(comb.groups)} groups;'
+    print(f'  comb: {comb.num_channels} channels in {len(comb.groups)} groups;'
           f' removed {removed} channels')
     return pruned
 

@@ -39,7 +39,7 @@ def cpd_prune(model, keep):
     comb = comb_model(model, input_shape=INPUT)
     cost = CostModel(model, comb)
     scores = ImportanceAccumulator(model, comb, 'l1').current()
-    kept = select_channels(scores, np.ones(comb.num_classes, bool), comb,
+    kept = select_channels(scores, np.ones(comb.num_channels, bool), comb,
                            cost, keep * cost.total_flops, metric='flops')
     return prune_model(copy.deepcopy(model), comb, kept)
 

@@ -107,5 +107,5 @@ def test_seaformer_variants(arch, repo_root):
     assert q.granularity.startswith('uniform over')
     assert sum('pos_emb' in p for p in q.passengers) == 4
     attn = pruned.backbone.trans1.transformer_blocks[0].attn
-    assert attn.key_dim == int(kept[q.classes].sum())
+    assert attn.key_dim == int(kept[q.channels].sum())
     assert len(comb.prunable_groups) >= len(comb.groups) - 1

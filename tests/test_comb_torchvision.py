@@ -47,10 +47,10 @@ def test_resnet50_half_channels_halves_flops():
     from cpd_mm.prune import CostModel
     model = torchvision.models.resnet50()
     comb = comb_model(model, input_shape=(1, 3, 64, 64))
-    kept = np.ones(comb.num_classes, bool)
+    kept = np.ones(comb.num_channels, bool)
     for g in comb.prunable_groups:
         free = np.nonzero(~g.frozen)[0]
-        kept[g.classes[free[:len(free) // 2]]] = False
+        kept[g.channels[free[:len(free) // 2]]] = False
     cost = CostModel(model, comb)
     ratio = cost.flops(kept) / cost.total_flops
     # every inner conv loses half its inputs and outputs: ~1/4 of its FLOPs
@@ -114,7 +114,7 @@ def test_vit_attention_equivalence(fused, ratio, leave_one):
         model, (1, 3, 32, 32), ratio=ratio, leave_one=leave_one)
     g = comb.group('blocks.0.attn.qkv')
     assert g.size == 16  # one channel per head dim, uniform over heads
-    new = int(kept[g.classes].sum())
+    new = int(kept[g.channels].sum())
     assert pruned.blocks[0]['attn'].head_dims == new
     assert pruned.blocks[0]['attn'].num_heads == 3
     stream = comb.group('patch')
@@ -124,7 +124,7 @@ def test_vit_attention_equivalence(fused, ratio, leave_one):
 @pytest.mark.parametrize('ratio,leave_one', [(0.5, False), (0.0, True)])
 def test_multihead_attention_is_pruned_exactly(ratio, leave_one):
     from torchvision.models.vision_transformer import VisionTransformer
-    from cpd_mm.comb.attention import PrunedMultiheadAttention
+    from cpd_mm.comb import PrunedMultiheadAttention
     from cpd_mm.prune import apply_plan, make_plan
     model = VisionTransformer(image_size=32, patch_size=8, num_layers=2,
                               num_heads=4, hidden_dim=32, mlp_dim=64,

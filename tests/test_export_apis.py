@@ -84,9 +84,9 @@ def make_pruned_checkpoint(cfg, path, tamper=None):
     from cpd_mm.prune import apply_plan, make_plan
     model = init_model(cfg, device='cpu')
     comb = comb_model(model, input_shape=(1, 3, 32, 32))
-    kept = np.ones(comb.num_classes, dtype=bool)
+    kept = np.ones(comb.num_channels, dtype=bool)
     for group in comb.prunable_groups:
-        kept[group.classes[~group.frozen][::2]] = False
+        kept[group.channels[~group.frozen][::2]] = False
     plan = make_plan(comb, kept, model)
     apply_plan(model, plan, comb)
     if tamper:

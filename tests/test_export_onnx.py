@@ -106,9 +106,9 @@ def make_model(tmp_dir, config, name, prune_shape=None):
         from cpd_mm.prune import apply_plan, make_plan
         pruned = copy.deepcopy(model)
         comb = comb_model(pruned, input_shape=prune_shape)
-        kept = np.ones(comb.num_classes, dtype=bool)
+        kept = np.ones(comb.num_channels, dtype=bool)
         for group in comb.prunable_groups:
-            kept[group.classes[~group.frozen][::2]] = False
+            kept[group.channels[~group.frozen][::2]] = False
         plan = make_plan(comb, kept, pruned)
         apply_plan(pruned, plan, comb)
         out.update(pruned_model=pruned,

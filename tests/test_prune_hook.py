@@ -10,7 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from mmengine.model import BaseModel
-from mmengine.registry import DATASETS, MODELS
+from mmengine.hooks import Hook
+from mmengine.registry import DATASETS, HOOKS, MODELS
 from mmengine.runner import Runner
 from torch.utils.data import Dataset
 
@@ -108,18 +109,46 @@ def test_hook_reaches_target_and_writes_pruned_checkpoint(tmp_path, kind):
         0.55 * sum(p.numel() for p in HookToyNet().parameters())
 
 
+class Interrupt(Exception):
+    pass
+
+
+@HOOKS.register_module(force=True)
+class InterruptAt(Hook):
+    """Stops training like a killed job, after the checkpoint of ``at``."""
+    priority = 'LOWEST'
+
+    def __init__(self, at):
+        self.at = at
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None,
+                         outputs=None):
+        if runner.iter + 1 == self.at:
+            raise Interrupt
+
+
 def test_resume_ends_with_same_masks(tmp_path):
     full = str(tmp_path / 'full')
     make_runner(full, 14).train()
     part = str(tmp_path / 'part')
-    make_runner(part, 5).train()  # interrupted after iter 5 (mid-interval)
+    runner = make_runner(part, 14)
+    runner._hooks.append(InterruptAt(5))  # mid-interval, after a checkpoint
+    with pytest.raises(Interrupt):
+        runner.train()
     assert osp.exists(osp.join(part, 'iter_5.pth'))
     make_runner(part, 14, resume=True).train()
     assert kept_of(full)['groups'] == kept_of(part)['groups']
 
 
+def test_a_run_shorter_than_the_ramp_is_refused(tmp_path):
+    runner = make_runner(str(tmp_path), 6)  # end_iter is 10
+    with pytest.raises(ValueError, match='end_iter=10 is after the last'):
+        runner.train()
+    assert not osp.exists(osp.join(tmp_path, 'pruned_final.pth'))
+
+
 def test_plan_mismatch_is_refused(tmp_path):
-    runner = make_runner(str(tmp_path), 6)
+    runner = make_runner(str(tmp_path), 10)
     runner.train()
     ckpt = torch.load(osp.join(tmp_path, 'pruned_final.pth'))
     other = nn.Sequential(nn.Conv2d(3, 5, 3), nn.ReLU(), nn.Conv2d(5, 2, 1))
@@ -160,7 +189,7 @@ def _ddp_worker(rank, world, port, out_dir):
     # launcher 'none' with an initialised group: no DDP wrapper synchronises
     # gradients, and the sampler gives every rank different data, so only
     # the hook's all-reduce can make the ranks agree
-    runner = make_runner(osp.join(out_dir, f'rank{rank}'), 8,
+    runner = make_runner(osp.join(out_dir, f'rank{rank}'), 10,
                          importance='hessian')
     runner.train()
     hook = [h for h in runner.hooks if isinstance(h, CPDPruningHook)][0]

@@ -16,7 +16,7 @@ def resnet18():
 
 
 def widths(comb, kept):
-    return {g.name: (int(kept[g.classes].sum()), g.size)
+    return {g.name: (int(kept[g.channels].sum()), g.size)
             for g in comb.prunable_groups}
 
 
@@ -25,8 +25,8 @@ def widths(comb, kept):
 def test_budget_is_met_with_rounded_widths(resnet18, metric, round_to):
     comb, cost = resnet18
     measure = cost.params if metric == 'params' else cost.flops
-    full = np.ones(comb.num_classes, dtype=bool)
-    scores = np.random.default_rng(0).random(comb.num_classes)
+    full = np.ones(comb.num_channels, dtype=bool)
+    scores = np.random.default_rng(0).random(comb.num_channels)
     target = 0.5 * measure(full)
     kept = select_channels(scores, full, comb, cost, target, metric,
                            round_to=round_to)
@@ -46,10 +46,10 @@ def test_rounding_is_kept_across_steps_and_min_channels(resnet18):
     pruned group on a multiple; min_channels rounds up to one."""
     comb, cost = resnet18
     rng = np.random.default_rng(1)
-    kept = np.ones(comb.num_classes, dtype=bool)
+    kept = np.ones(comb.num_channels, dtype=bool)
     total = cost.params(kept)
     for goal in (0.2, 0.4, 0.6, 0.8):
-        kept = select_channels(rng.random(comb.num_classes), kept, comb, cost,
+        kept = select_channels(rng.random(comb.num_channels), kept, comb, cost,
                                (1 - goal) * total, 'params', min_channels=12,
                                round_to=8)
         for name, (n, size) in widths(comb, kept).items():
@@ -60,13 +60,13 @@ def test_rounding_is_kept_across_steps_and_min_channels(resnet18):
 def test_lowest_scores_go_first(resnet18):
     comb, cost = resnet18
     g = max(comb.prunable_groups, key=lambda g: g.size)
-    scores = np.ones(comb.num_classes)
-    scores[g.classes] = 0.0                  # this group is the least useful
-    scores[g.classes[:3]] = 2.0              # except three channels
-    full = np.ones(comb.num_classes, dtype=bool)
-    saving = cost.marginal(full, 'params')[g.classes[3:11]].sum()
+    scores = np.ones(comb.num_channels)
+    scores[g.channels] = 0.0                  # this group is the least useful
+    scores[g.channels[:3]] = 2.0              # except three channels
+    full = np.ones(comb.num_channels, dtype=bool)
+    saving = cost.marginal(full, 'params')[g.channels[3:11]].sum()
     kept = select_channels(scores, full, comb, cost,
                            cost.params(full) - saving, 'params', round_to=8)
     removed = np.nonzero(~kept)[0]
-    assert set(removed) <= set(g.classes[3:])
+    assert set(removed) <= set(g.channels[3:])
     assert len(removed) == 8

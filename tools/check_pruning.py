@@ -33,6 +33,10 @@ def parse_args():
                    help='max relative difference allowed (default 1e-5)')
     p.add_argument('--max-rows', type=int, default=None,
                    help='print only the first N groups')
+    p.add_argument('--no-verify', action='store_true',
+                   help='skip comb\'s self-verification (groups that fail '
+                   'an exactness check are then not frozen: the check '
+                   'below shows the rules alone)')
     p.add_argument('--json', help='write the report to this JSON file')
     p.add_argument('--cfg-options', nargs='+', action=DictAction,
                    help='override config keys, xxx=yyy')
@@ -76,12 +80,12 @@ def drop_pretrained(cfg):
 
 def random_plan(comb, ratio, seed):
     rng = np.random.default_rng(seed)
-    kept = np.ones(comb.num_classes, dtype=bool)
+    kept = np.ones(comb.num_channels, dtype=bool)
     for g in comb.groups:
         free = np.nonzero(~g.frozen)[0]
         n = min(int(round(len(free) * ratio)), len(free) - 1)
         if n > 0:
-            kept[g.classes[rng.choice(free, n, replace=False)]] = False
+            kept[g.channels[rng.choice(free, n, replace=False)]] = False
     return kept
 
 
@@ -118,14 +122,20 @@ def main():
     model.eval()
 
     t0 = time.perf_counter()
-    comb = comb_model(model, input_shape=shape)
+    comb = comb_model(model, input_shape=shape, verify=not args.no_verify)
     t_comb = time.perf_counter() - t0
     print(group_table(comb, max_rows=args.max_rows))
     print(f'{len(comb.groups)} groups, {len(comb.prunable_groups)} prunable,'
-          f' {comb.num_classes} channels, '
-          f'{int(comb.frozen_classes.sum())} frozen; comb took {t_comb:.2f}s')
+          f' {comb.num_channels} channels, '
+          f'{int(comb.frozen_channels.sum())} frozen; comb took {t_comb:.2f}s')
+    if comb.verification is not None:
+        print(f'  verification: {comb.verification}')
     for reason, n in sorted(comb.frozen_reasons().items()):
-        print(f'  frozen: {reason}')
+        print(f'  frozen ({n} channels): {reason}')
+    if comb.unhandled_ops:
+        print('  aten ops without a channel rule (channels frozen): ' +
+              ', '.join(f'{k} x{v}' for k, v in
+                        sorted(comb.unhandled_ops.items())))
     if comb.uncalled:
         print(f'  modules with parameters never called in the trace '
               f'(left as they are): {", ".join(comb.uncalled[:5])}')
@@ -149,7 +159,7 @@ def main():
     max_diff = max(diffs) if diffs else 0.0
     ok = shapes_ok and max_diff <= args.tol and len(y_gated) == len(y_pruned)
 
-    print(f'removed {int((~kept).sum())}/{comb.num_classes} channels '
+    print(f'removed {int((~kept).sum())}/{comb.num_channels} channels '
           f'(ratio {args.ratio} of every prunable group)')
     print(f'params: {p0 / 1e6:.3f} M -> {p1 / 1e6:.3f} M '
           f'({p1 / p0:.3f}); predicted by the cost model '
@@ -163,9 +173,14 @@ def main():
         report = dict(config=args.config, shape=shape, ratio=args.ratio,
                       groups=len(comb.groups),
                       prunable=len(comb.prunable_groups),
-                      channels=comb.num_classes,
-                      frozen=int(comb.frozen_classes.sum()),
-                      frozen_reasons=sorted(comb.frozen_reasons()),
+                      channels=comb.num_channels,
+                      frozen=int(comb.frozen_channels.sum()),
+                      frozen_reasons=comb.frozen_reasons(),
+                      unhandled_ops=comb.unhandled_ops,
+                      verification=None if comb.verification is None else
+                      dict(checks=comb.verification.checks,
+                           seconds=comb.verification.seconds,
+                           frozen=comb.verification.frozen),
                       comb_seconds=t_comb, params=[p0, p1], flops=[f0, f1],
                       max_rel_diff=max_diff, ok=ok)
         with open(args.json, 'w') as f:

@@ -1,6 +1,7 @@
 """Coupled channel groups: the result of combing a model.
 
-A *channel* is an equivalence class of atoms.  A :class:`ChannelGroup` is the
+A *channel* is an equivalence class of atoms, numbered globally from 0 to
+``CombResult.num_channels - 1``.  A :class:`ChannelGroup` is the
 set of channels created by the same stop ops (producers whose outputs meet at
 coupling ops: a residual stream is one group).  Its members are the producers,
 the consumers reading it, channel-wise layers (norms, depthwise convs) and
@@ -19,7 +20,7 @@ class ChannelGroup:
 
     Attributes:
         name (str): stable id, the first producer's module name.
-        classes (np.ndarray): global channel ids, one per group channel.
+        channels (np.ndarray): global channel ids, one per group channel.
         frozen (np.ndarray): bool per channel, never pruned.
         reasons (list[str]): why channels are frozen.
         producers, consumers, channelwise, passengers (list[str]): members.
@@ -28,10 +29,10 @@ class ChannelGroup:
             producers (for B=1 at the traced size): the memory cost unit.
     """
 
-    def __init__(self, name: str, classes: np.ndarray):
+    def __init__(self, name: str, channels: np.ndarray):
         self.name = name
-        self.classes = classes
-        self.frozen = np.zeros(len(classes), dtype=bool)
+        self.channels = channels
+        self.frozen = np.zeros(len(channels), dtype=bool)
         self.reasons: List[str] = []
         self.producers: List[str] = []
         self.consumers: List[str] = []
@@ -42,7 +43,7 @@ class ChannelGroup:
 
     @property
     def size(self) -> int:
-        return len(self.classes)
+        return len(self.channels)
 
     @property
     def prunable(self) -> bool:
@@ -56,61 +57,79 @@ class ChannelGroup:
 
 
 class CombResult:
-    """Groups of a traced model plus what gating and surgery need."""
+    """Groups of a traced model plus what gating, cost and surgery need.
+
+    Attributes:
+        num_channels (int): channels found (equivalence classes of atoms).
+        groups (list[ChannelGroup]): coupled groups, in trace order.
+        frozen_channels (np.ndarray): bool per channel, never pruned.
+        records (dict): module name -> the handler's record.
+        sites, norm_sites, attention_scales, views, passengers, producers,
+            channelwise: the tracer's typed records.
+        unhandled_ops (dict): aten op name -> calls without a channel rule
+            (their channels are frozen).
+        verification: what self-verification found, if it ran.
+    """
 
     def __init__(self, tracer, input_shape):
         self.input_shape = list(input_shape)
         uf: UnionFind = tracer.uf
         n_atoms = len(uf.parent)
         roots = uf.find(np.arange(n_atoms))
-        _, self.class_of_atom = np.unique(roots, return_inverse=True)
-        self.num_classes = int(self.class_of_atom.max() + 1) if n_atoms else 0
+        _, self.channel_of_atom = np.unique(roots, return_inverse=True)
+        self.num_channels = int(self.channel_of_atom.max() + 1) \
+            if n_atoms else 0
         self.records = tracer.records
         self.sites = tracer.sites
-        self.masked_norms = sorted(tracer.masked_norms)
-        self.sdpa = tracer.sdpa
+        self.norm_sites = tracer.norm_sites
+        self.attention_scales = tracer.attention_scales
         self.views = tracer.views
         self.unhandled_ops = dict(tracer.unhandled_ops)
         self.passengers = tracer.passengers
+        self.producers = tracer.producers
+        self.channelwise = tracer.channelwise
+        self.uncalled: List[str] = []
+        self.verification = None
         self._build(tracer)
 
     # ------------------------------------------------------------ helpers
-    def classes(self, atoms: np.ndarray) -> np.ndarray:
+    def channels(self, atoms: np.ndarray) -> np.ndarray:
+        """Channel id of every atom (-1 stays -1)."""
         atoms = np.asarray(atoms)
         out = np.full(atoms.shape, -1, dtype=np.int64)
         ok = atoms >= 0
-        out[ok] = self.class_of_atom[atoms[ok]]
+        out[ok] = self.channel_of_atom[atoms[ok]]
         return out
 
-    def keep_fn(self, kept_classes: np.ndarray):
+    def keep_fn(self, kept: np.ndarray):
         """``keep(atoms) -> bool mask``: atoms without a channel are kept."""
         def keep(atoms):
-            c = self.classes(atoms)
-            return np.where(c >= 0, kept_classes[np.maximum(c, 0)], True)
+            c = self.channels(atoms)
+            return np.where(c >= 0, kept[np.maximum(c, 0)], True)
         return keep
 
     # ------------------------------------------------------------ building
     def _build(self, tracer):
-        frozen = np.zeros(self.num_classes, dtype=bool)
+        frozen = np.zeros(self.num_channels, dtype=bool)
         why = defaultdict(set)
-        for atoms, reason in tracer.frozen:
-            c = self.classes(atoms)
+        for f in tracer.frozen:
+            c = self.channels(f.atoms)
             frozen[c] = True
             for k in np.unique(c):
-                why[int(k)].add(reason)
-        self.frozen_classes = frozen
-        # groups: union classes appearing in the same producer output
+                why[int(k)].add(f.reason)
+        self.frozen_channels = frozen
+        # groups: unite channels appearing in the same producer output
         guf = UnionFind()
-        guf.new(self.num_classes)
+        guf.new(self.num_channels)
         for p in tracer.producers:
-            c = self.classes(p['atoms'])
+            c = self.channels(p.atoms)
             c = c[c >= 0]
             if c.size:
                 guf.union(np.full(c.size, c[0]), c)
-        groot = guf.find(np.arange(self.num_classes))
+        groot = guf.find(np.arange(self.num_channels))
         # channel order inside a group: first appearance over the producers
         # in trace order (vectorised: this runs for every comb)
-        per = [self.classes(p['atoms']) for p in tracer.producers]
+        per = [self.channels(p.atoms) for p in tracer.producers]
         owner = np.concatenate([np.full(len(c), i) for i, c in
                                 enumerate(per)]) if per else np.zeros(0, int)
         flat = np.concatenate(per) if per else np.zeros(0, np.int64)
@@ -125,59 +144,59 @@ class CombResult:
             r = int(groot[c])
             if r not in order:
                 order[r] = []
-                first_producer[r] = tracer.producers[int(owner[f])]['name']
+                first_producer[r] = tracer.producers[int(owner[f])].name
             order[r].append(c)
         self.groups: List[ChannelGroup] = []
-        self.group_of_class = np.full(self.num_classes, -1, dtype=np.int64)
-        self.channel_of_class = np.full(self.num_classes, -1, dtype=np.int64)
+        self.group_of_channel = np.full(self.num_channels, -1, np.int64)
+        self.position_of_channel = np.full(self.num_channels, -1, np.int64)
         names = set()
-        for r, cls in order.items():
+        for r, chans in order.items():
             name = first_producer[r]
             while name in names:  # a module producing two groups
                 name += "'"
             names.add(name)
-            g = ChannelGroup(name, np.asarray(cls, dtype=np.int64))
-            g.frozen = frozen[g.classes]
-            g.reasons = sorted(set().union(*[why[c] for c in cls]))
-            self.group_of_class[g.classes] = len(self.groups)
-            self.channel_of_class[g.classes] = np.arange(len(cls))
+            g = ChannelGroup(name, np.asarray(chans, dtype=np.int64))
+            g.frozen = frozen[g.channels]
+            g.reasons = sorted(set().union(*[why[c] for c in chans]))
+            self.group_of_channel[g.channels] = len(self.groups)
+            self.position_of_channel[g.channels] = np.arange(len(chans))
             self.groups.append(g)
         # members for reports and importance
         for p in tracer.producers:
-            for gi in self._groups_of(p['atoms']):
+            for gi in self._groups_of(p.atoms):
                 g = self.groups[gi]
-                g.producers.append(p['name'])
-                g.numel_per_channel += p['numel_per_channel']
-                c = self.classes(p['atoms'])
-                per = len(c) // max(len(np.unique(c[c >= 0])), 1)
-                if per > 1 and g.granularity == 'channel':
+                g.producers.append(p.name)
+                g.numel_per_channel += p.numel_per_channel
+                c = self.channels(p.atoms)
+                n = len(c) // max(len(np.unique(c[c >= 0])), 1)
+                if n > 1 and g.granularity == 'channel':
                     # a channel spans the same position of every conv group
-                    g.granularity = f'uniform over {per} conv groups/heads'
+                    g.granularity = f'uniform over {n} conv groups/heads'
         for name, rec in self.records.items():
-            if 'in' in rec and not rec.get('dw') and rec['kind'] != 'norm':
-                for gi in self._groups_of(rec['in']):
+            ins = getattr(rec, 'inputs', None)
+            if ins is not None and not getattr(rec, 'depthwise', False):
+                for gi in self._groups_of(ins):
                     self.groups[gi].consumers.append(name)
-        for cw in tracer.channelwise:
-            for gi in self._groups_of(cw['atoms']):
-                self.groups[gi].channelwise.append(cw['name'])
+        for cw in self.channelwise:
+            for gi in self._groups_of(cw.atoms):
+                if cw.name not in self.groups[gi].channelwise:
+                    self.groups[gi].channelwise.append(cw.name)
         for ps in self.passengers:
-            for gi in self._groups_of(ps['atoms']):
-                if ps['name'] not in self.groups[gi].passengers:
-                    self.groups[gi].passengers.append(ps['name'])
-        for s in self.sdpa:
-            c = self.classes(s['q_ids']).ravel()
+            for gi in self._groups_of(ps.atoms):
+                if ps.name not in self.groups[gi].passengers:
+                    self.groups[gi].passengers.append(ps.name)
+        for s in self.attention_scales:
+            c = self.channels(s.q_ids).ravel()
             c = c[c >= 0]
-            for gi in np.unique(self.group_of_class[c]):
-                heads = s['q_ids'].size // max(s['head_dim'], 1)
+            for gi in np.unique(self.group_of_channel[c]):
+                heads = s.q_ids.size // max(s.head_dim, 1)
                 self.groups[gi].granularity = \
                     f'head dims (uniform over {heads} head(s))'
-        self.channelwise = tracer.channelwise
-        self.producers = tracer.producers
 
     def _groups_of(self, atoms):
-        c = self.classes(atoms)
+        c = self.channels(atoms)
         c = c[c >= 0]
-        g = np.unique(self.group_of_class[c])
+        g = np.unique(self.group_of_channel[c])
         return [int(x) for x in g if x >= 0]
 
     # ------------------------------------------------------------ queries
@@ -191,6 +210,13 @@ class CombResult:
     def prunable_groups(self) -> List[ChannelGroup]:
         return [g for g in self.groups if g.prunable]
 
+    def freeze_group(self, group: ChannelGroup, reason: str) -> None:
+        """Freeze every channel of ``group`` (e.g. it failed verification)."""
+        group.frozen[:] = True
+        if reason not in group.reasons:
+            group.reasons.append(reason)
+        self.frozen_channels[group.channels] = True
+
     def frozen_reasons(self) -> Dict[str, int]:
         """Reason -> number of frozen channels (for reports)."""
         out = defaultdict(int)
@@ -199,9 +225,10 @@ class CombResult:
                 out[r] += int(g.frozen.sum())
         return dict(out)
 
-    def kept_classes_from_plan(self, plan: dict) -> np.ndarray:
-        """Global keep-mask from a plan ``{'groups': {name: {'kept': [...]}}}``."""
-        kept = np.ones(self.num_classes, dtype=bool)
+    def kept_from_plan(self, plan: dict) -> np.ndarray:
+        """Keep-mask over channels from a plan
+        ``{'groups': {name: {'kept': [...]}}}``."""
+        kept = np.ones(self.num_channels, dtype=bool)
         for gname, entry in plan.get('groups', {}).items():
             g = self.group(gname)
             if int(entry.get('num_channels', g.size)) != g.size:
@@ -217,14 +244,14 @@ class CombResult:
             if (~keep & g.frozen).any():
                 raise ValueError(f'plan group {gname!r} removes frozen '
                                  'channels')
-            kept[g.classes] = keep
+            kept[g.channels] = keep
         return kept
 
     def plan_from_kept(self, kept: np.ndarray,
                        meta: Optional[dict] = None) -> dict:
         groups = {}
         for g in self.groups:
-            k = kept[g.classes]
+            k = kept[g.channels]
             if not k.all():
                 groups[g.name] = dict(num_channels=int(g.size),
                                       kept=[int(i) for i in np.nonzero(k)[0]])

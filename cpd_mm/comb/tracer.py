@@ -3,10 +3,11 @@
 Why a ``TorchDispatchMode`` and not ``torch.fx`` or the autograd graph:
 MMPretrain/MMSegmentation models branch on shapes and data samples (fx cannot
 trace them), and the autograd graph loses views, in-place ops and the
-identity of parameters used directly.  The dispatcher sees every op that
+identity of parameters used directly. The dispatcher sees every op that
 really runs, with its arguments and outputs; module hooks tell which module
-ran it, and stop ops/normalisations are handled per module type
-(:mod:`cpd_mm.comb.modules`) so their inner aten ops need no rules.
+ran it. Modules with a handler (:mod:`cpd_mm.comb.handlers`) are traced as
+one unit (their inner ops are hidden) unless the handler is transparent;
+every other op goes through the rule table (:mod:`cpd_mm.comb.rules`).
 """
 import os
 from collections import defaultdict
@@ -18,37 +19,17 @@ import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from .modules import handler_for
-from .ops import RULES
+from .forward import default_forward
+from .handlers import handler_for
+from .handlers.norm import NormHandler, NormRecord
+from .records import (Channelwise, Frozen, GateSite, NormSite, Passenger,
+                      Producer, ViewSize)
+from .rules import NO_CHANNEL_OPS, RULES, STOP_OPS
 from .space import TensorInfo, UnionFind, along, channel_axis, empty_ids
 
-STOP_OPS = {'convolution', 'linear', 'addmm', 'conv2d', 'conv1d', 'conv3d',
-            'baddbmm', 'addbmm', '_convolution', 'embedding'}
-NO_CHANNEL_OPS = {'zeros', 'ones', 'empty', 'full', 'arange', 'zeros_like',
-                  'ones_like', 'empty_like', 'full_like', 'rand', 'randn',
-                  'rand_like', 'randn_like', 'scalar_tensor', 'linspace',
-                  'bernoulli', 'bernoulli_', 'uniform_', 'normal_',
-                  'new_zeros', 'new_ones', 'new_empty', 'new_full', 'sym_size',
-                  'sym_numel', 'sym_stride', 'is_same_size', '_local_scalar_dense',
-                  'item', 'eye', 'tril', 'triu', 'randint', 'randperm',
-                  'empty_strided', 'zero_', 'argmax', 'argmin', 'sort',
-                  'topk', '_assert_async', 'argsort', 'any', 'all'}
-
-
-def default_forward(model: nn.Module, x: torch.Tensor):
-    """Run every branch that training runs: a segmentor's auxiliary heads are
-    traced too (``mode='tensor'`` skips them), so their inputs shrink."""
-    if hasattr(model, 'decode_head') and hasattr(model, 'extract_feat'):
-        feats = model.extract_feat(x)
-        outs = [model.decode_head(feats)]
-        aux = getattr(model, 'auxiliary_head', None)
-        if aux is not None:
-            heads = aux if isinstance(aux, nn.ModuleList) else [aux]
-            outs += [h(feats) for h in heads]
-        return outs
-    if hasattr(model, 'extract_feat') and hasattr(model, 'head'):
-        return model(x, mode='tensor')
-    return model(x)
+_BATCH_NORM_OPS = {'aten.native_batch_norm', 'aten._native_batch_norm_legit',
+                   'aten._native_batch_norm_legit_no_training',
+                   'aten.cudnn_batch_norm', 'aten.miopen_batch_norm'}
 
 
 class CombTracer(TorchDispatchMode):
@@ -57,6 +38,7 @@ class CombTracer(TorchDispatchMode):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+        self.modules = dict(model.named_modules())
         self.uf = UnionFind()
         self.infos: Dict[int, tuple] = {}
         self.names = {}
@@ -64,24 +46,34 @@ class CombTracer(TorchDispatchMode):
             self.names.setdefault(id(p), n)
         for n, b in model.named_buffers(remove_duplicate=False):
             self.names.setdefault(id(b), n)
-        self.stack: List[str] = []
-        self.suppress = 0
+        self.stack: List[str] = []      # names of the running modules
+        self._frames: List[str] = []    # 'inside' | 'opaque' | 'open'
+        self.suppress = 0               # opaque modules running
         self.current_op = ''
-        self.records: Dict[str, dict] = {}     # module name -> surgery record
-        self.producers: List[dict] = []
-        self.channelwise: List[dict] = []
-        self.passengers: List[dict] = []
-        self.frozen: List[tuple] = []          # (atoms, reason)
-        self.sdpa: List[dict] = []
-        self.views: List[dict] = []
-        self.sites: List[dict] = []            # gate sites: module outputs
-        self._site_of: Dict[int, int] = {}     # id(gated tensor) -> site
-        self.masked_norms = set()
+        self.batch = 1
+        self.records = {}               # module name -> ModuleRecord
+        self.producers: List[Producer] = []
+        self.channelwise: List[Channelwise] = []
+        self.passengers: List[Passenger] = []
+        self.frozen: List[Frozen] = []
+        self.attention_scales = []
+        self.views: List[ViewSize] = []
+        self.sites: List[GateSite] = []
+        self.norm_sites: List[NormSite] = []
+        self._site_of: Dict[int, int] = {}   # id(gated tensor) -> site
+        self._norm_ops = defaultdict(int)    # (module, call) -> norm ops
         self.calls = defaultdict(int)
         self.debug = os.environ.get('CPD_MM_DEBUG') == '1'
         self.unhandled_ops = defaultdict(int)
 
     # ------------------------------------------------------------ helpers
+    @property
+    def current_module(self) -> str:
+        return self.stack[-1] if self.stack else ''
+
+    def per_sample(self, numel: int) -> int:
+        return numel // max(self.batch, 1)
+
     def new_atoms(self, n):
         return self.uf.new(n)
 
@@ -113,45 +105,70 @@ class CombTracer(TorchDispatchMode):
         atoms = np.asarray(atoms).ravel()
         atoms = np.unique(atoms[atoms >= 0])
         if atoms.size:
-            where = self.stack[-1] if self.stack else '<model>'
-            self.frozen.append((atoms, f'{reason} (in {where})'))
+            self.frozen.append(Frozen(
+                atoms, f'{reason} (in {self.current_module or "<model>"})'))
 
-    def attach(self, info, ids, ch, width, kind):
-        """A parameter-derived block meets channels: it is a passenger."""
-        line = along(ids, ch, width)
-        if not info.src:
+    def attach_line(self, info, line, axis, kind):
+        """A parameter-derived tensor indexed along its ``axis`` by the
+        channels ``line``: its parameters become passengers."""
+        if not info.src or axis is None:
             self.freeze(line, f'{kind} with a tensor of fixed channel width')
             return
         for pname, amap in info.src.items():
-            pax = amap[ch] if ch < len(amap) else None
+            pax = amap[axis] if axis < len(amap) else None
             if pax is None:
                 self.freeze(line, f'parameter {pname} is mixed along a '
                             'channel axis')
             else:
-                self.passengers.append(dict(name=pname, axis=pax, atoms=line))
+                self.passengers.append(Passenger(pname, pax, line))
 
-    def module_record(self, name, kind):
-        return self.records.setdefault(name, dict(kind=kind))
+    def attach(self, info, ids, ch, width, kind):
+        """As :meth:`attach_line` for a tensor aligned with ``ids``."""
+        self.attach_line(info, along(ids, ch, width), ch, kind)
+
+    def module_record(self, name, record_type):
+        rec = self.records.get(name)
+        if rec is None:
+            rec = self.records[name] = record_type(name)
+        return rec
 
     def add_producer(self, name, atoms, out):
-        self.producers.append(dict(
-            name=name, atoms=atoms,
-            numel_per_channel=out.numel() // max(len(atoms), 1)))
+        self.producers.append(Producer(
+            name, atoms,
+            self.per_sample(out.numel()) // max(len(atoms), 1)))
 
-    def add_channelwise(self, name, atoms, norm=False, src_lin=None):
-        self.channelwise.append(dict(name=name, atoms=atoms, norm=norm,
-                                     follows=src_lin))
+    def add_channelwise(self, name, atoms):
+        self.channelwise.append(Channelwise(name, atoms))
+
+    def add_norm_record(self, line, param_axis, per_channel_groups=False):
+        """Size attributes of a norm module follow its channels."""
+        name = self.current_module
+        m = self.modules.get(name)
+        if m is not None and isinstance(handler_for(m), NormHandler):
+            rec = self.module_record(name, NormRecord)
+            rec.axis = param_axis
+            rec.per_channel_groups |= per_channel_groups
+            rec.merge(self, channels=line)
+
+    def norm_op_index(self):
+        """Position of this layer/group norm op among those of the current
+        module call (the gated model counts them the same way)."""
+        key = (self.current_module, self.calls[self.current_module] - 1)
+        self._norm_ops[key] += 1
+        return self._norm_ops[key] - 1
+
+    def add_norm_site(self, index, kind, line, axis, param_axis):
+        name = self.current_module
+        call = self.calls[name] - 1
+        self.norm_sites.append(NormSite(kind, name, call, index, line, axis))
+        self.add_norm_record(line, param_axis)
+        self.add_channelwise(name, line)
 
     def record_view(self, out, ids):
         ch = channel_axis(ids)
         if ch is not None and self.stack:
-            self.views.append(dict(module=self.stack[-1], size=out.shape[ch],
-                                   atoms=along(ids, ch, out.shape[ch])))
-
-    def record_sdpa(self, q, info):
-        self.sdpa.append(dict(module=self.stack[-1] if self.stack else '',
-                              producer=info.lin, q_ids=info.ids,
-                              head_dim=q.shape[-1]))
+            self.views.append(ViewSize(self.current_module, out.shape[ch],
+                                       along(ids, ch, out.shape[ch])))
 
     # ----------------------------------------------------------- dispatch
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -189,14 +206,16 @@ class CombTracer(TorchDispatchMode):
         for t in tensors:
             i = self._site_of.get(id(t))
             if i is not None:
-                self.sites[i]['users'].append(user)
+                self.sites[i].users.append(user)
 
     def _drop_redundant_sites(self):
-        """A gate right before a BatchNorm is redundant: the BatchNorm's own
-        output is gated, and nothing else reads the tensor."""
-        self.sites = [s for s in self.sites
-                      if not (s['users'] and all(u.startswith('bn:')
-                                                  for u in s['users']))]
+        """A gate right before a BatchNorm module is redundant: the
+        BatchNorm's own output is gated, and nothing else reads the
+        tensor."""
+        def redundant(s):
+            return any(u.startswith('bn:') for u in s.users) and all(
+                u.startswith('bn:') or u in _BATCH_NORM_OPS for u in s.users)
+        self.sites = [s for s in self.sites if not redundant(s)]
 
     def _unknown(self, name, ins, why=None):
         infos = [self.info(t) for t in ins]
@@ -213,41 +232,39 @@ class CombTracer(TorchDispatchMode):
 
     # -------------------------------------------------------- module hooks
     def _pre(self, name, module):
+        handler = handler_for(module)
+        opaque = handler is not None and not handler.transparent
+        bn = isinstance(module, nn.modules.batchnorm._BatchNorm)
+
         def hook(mod, args, kwargs):
             self.stack.append(name)
             self.calls[name] += 1
             if self.suppress:
-                self.suppress += 1
+                self._frames.append('inside')
                 return
-            if handler_for(mod) is not None:
+            kind = 'bn:' if bn else 'module:' if opaque else 'call:'
+            self._use(self.tensors_of((args, kwargs)), kind + name)
+            if opaque:
                 self.suppress += 1
-                kind = 'bn:' if isinstance(mod, nn.modules.batchnorm._BatchNorm) \
-                    else 'module:'
-                self._use(self.tensors_of((args, kwargs)), kind + name)
-            else:
-                self._use(self.tensors_of((args, kwargs)), 'call:' + name)
+            self._frames.append('opaque' if opaque else 'open')
         return hook
 
     def _post(self, name, module):
         handler = handler_for(module)
-        leaf = not any(True for _ in module.children()) or handler
+        leaf = not any(True for _ in module.children()) or (
+            handler is not None and not handler.transparent)
 
         def hook(mod, args, kwargs, out):
+            frame = self._frames.pop()
             self.stack.pop()
-            if self.suppress > 1 or (self.suppress == 1 and handler is None):
-                self.suppress -= 1 if self.suppress > 1 else 0
+            if frame == 'inside':
                 return
-            if handler is not None:
+            o = out[0] if isinstance(out, (tuple, list)) and out else out
+            if frame == 'opaque':
                 self.suppress -= 1
                 self.stack.append(name)
-                x = args[0] if args else next(iter(kwargs.values()))
-                o = out[0] if isinstance(out, tuple) else out
-                x_in = (args, kwargs) if handler.kind in ('opaque', 'mha') \
-                    else x
                 try:
-                    info = handler.trace(self, name, mod, self.info(x)
-                                         if isinstance(x, torch.Tensor)
-                                         else None, x_in, o)
+                    info = handler.trace(self, name, mod, args, kwargs, o)
                 except Exception as e:
                     if self.debug:
                         raise
@@ -255,7 +272,8 @@ class CombTracer(TorchDispatchMode):
                         self.freeze(self.info(t).ids,
                                     f'{name}: handler failed ({e!r})')
                     info = TensorInfo(empty_ids(o.dim()), True)
-                self.stack.pop()
+                finally:
+                    self.stack.pop()
                 self.set_info(o, info)
             if leaf and isinstance(out, torch.Tensor):
                 info = self.info(out)
@@ -269,14 +287,16 @@ class CombTracer(TorchDispatchMode):
                     self.set_info(new, TensorInfo(info.ids, True,
                                                   lin=info.lin))
                     self._site_of[id(new)] = len(self.sites)
-                    self.sites.append(dict(module=name,
-                                           call=self.calls[name] - 1,
-                                           ids=info.ids, users=[]))
+                    self.sites.append(GateSite(name, self.calls[name] - 1,
+                                               info.ids))
                     return new
+            return None
         return hook
 
     def run(self, x, forward: Optional[Callable] = None):
         forward = forward or default_forward
+        if isinstance(x, torch.Tensor) and x.dim():
+            self.batch = x.shape[0]
         handles = []
         for name, m in self.model.named_modules():
             handles.append(m.register_forward_pre_hook(

@@ -2,142 +2,100 @@
 
 Sparsity is counted on the model after surgery: when a channel goes, its
 producer rows, its consumers' input columns, norms and passengers go too.
-Counting analytically from the comb records is exact for the handled layers
-and takes microseconds, which the greedy selection needs.
+Every handler states its module's cost as products of channel counts
+(:class:`~cpd_mm.comb.handlers.CostTerm`); passengers add one term each.
+Evaluating these terms is exact for the handled layers and takes
+microseconds, which the greedy selection needs.
 """
+from typing import List, Tuple
+
 import numpy as np
 import torch.nn as nn
 
 from ..comb.groups import CombResult
+from ..comb.handlers import CostTerm, handler_for
+
+METRICS = ('params', 'flops')
+
+
+class _Factor:
+    """Entries of an atom array: ``fixed`` without a channel, ``chans``
+    with one (count = fixed + kept entries)."""
+    __slots__ = ('fixed', 'chans')
+
+    def __init__(self, comb, atoms):
+        c = comb.channels(atoms).ravel()
+        self.fixed = int((c < 0).sum())
+        self.chans = c[c >= 0]
+
+    def count(self, kept):
+        return self.fixed + int(kept[self.chans].sum())
 
 
 class CostModel:
     """``params(kept)`` and ``flops(kept)`` for bool masks over channels.
 
-    FLOPs are multiply-accumulates of convs and linears at the traced input
-    size (scale-free: only ratios are used).
+    FLOPs are multiply-accumulates of convs, linears and attention products
+    at the traced input size (only ratios are used).
     """
 
     def __init__(self, model: nn.Module, comb: CombResult):
         self.comb = comb
         modules = dict(model.named_modules())
-        self.items = []  # (kind, classes arrays, constants)
-        handled = 0
+        terms: List[CostTerm] = []
         for name, rec in comb.records.items():
-            m = modules[name]
-            # an attention module's out_proj is part of the record
-            own = sum(p.numel() for p in m.parameters(
-                recurse=rec['kind'] == 'mha'))
-            handled += own
-            cin = comb.classes(rec['in']) if 'in' in rec else None
-            cout = comb.classes(rec['out']) if 'out' in rec else None
-            bias = getattr(m, 'bias', None) is not None
-            if rec['kind'] == 'conv':
-                g = rec['groups']
-                if rec.get('dw'):
-                    mult = m.out_channels // g
-                    self.items.append(('dw', cin, None, dict(
-                        k=rec['kernel'] * mult, bias=mult if bias else 0,
-                        sp=rec['spatial'])))
-                else:
-                    self.items.append(('conv', cin, cout, dict(
-                        k=rec['kernel'], g=g, bias=bias, sp=rec['spatial'])))
-            elif rec['kind'] == 'linear':
-                self.items.append(('conv', cin, cout, dict(
-                    k=1, g=1, bias=bias, sp=rec['spatial'])))
-            elif rec['kind'] == 'mha':
-                self.items.append(('mha', cin, cout, dict(
-                    qk=comb.classes(rec['qk']), v=comb.classes(rec['v']),
-                    bias=m.in_proj_bias is not None, sp=rec['tokens'])))
-            elif rec['kind'] == 'norm':
-                per = own // max(len(rec['in']), 1)
-                self.items.append(('vec', cin, None, dict(per=per)))
+            terms += handler_for(modules[name]).cost_terms(modules[name], rec)
+        params = dict(model.named_parameters())
         seen = set()
         for ps in comb.passengers:
-            key = (ps['name'], ps['axis'])
-            if key in seen:
+            p = params.get(ps.name)
+            if p is None or (ps.name, ps.axis) in seen:
                 continue
-            seen.add(key)
-            p = model.get_parameter(ps['name']) \
-                if ps['name'] in dict(model.named_parameters()) else None
-            if p is None:
-                continue
-            handled += p.numel()
-            per = p.numel() // p.shape[ps['axis']]
-            self.items.append(('vec', comb.classes(ps['atoms']), None,
-                               dict(per=per)))
-        self.fixed = sum(p.numel() for p in model.parameters()) - handled
-        self.total_params = self.params(np.ones(comb.num_classes, bool))
-        self.total_flops = self.flops(np.ones(comb.num_classes, bool))
+            seen.add((ps.name, ps.axis))
+            terms.append(CostTerm('params', p.numel() // p.shape[ps.axis],
+                                  (ps.atoms, )))
+        self.terms: List[Tuple[str, float, List[_Factor]]] = [
+            (t.metric, t.coef, [_Factor(comb, f) for f in t.factors])
+            for t in terms]
+        full = np.ones(comb.num_channels, dtype=bool)
+        total = sum(p.numel() for p in model.parameters())
+        self.fixed = total - self._evaluate(full)[0]
+        self.total_params, self.total_flops = self.measure(full)
 
-    @staticmethod
-    def _count(cls, kept):
-        if cls is None:
-            return 0
-        return int(np.where(cls >= 0, kept[np.maximum(cls, 0)], True).sum())
+    def _evaluate(self, kept):
+        out = {'params': 0.0, 'flops': 0.0}
+        for metric, coef, factors in self.terms:
+            v = coef
+            for f in factors:
+                v *= f.count(kept)
+            out[metric] += v
+        return out['params'], out['flops']
 
-    def _costs(self, kept):
-        params = flops = 0
-        for kind, cin, cout, c in self.items:
-            if kind == 'conv':
-                i, o = self._count(cin, kept), self._count(cout, kept)
-                w = o * (i // c['g']) * c['k']
-                params += w + (o if c['bias'] else 0)
-                flops += w * c['sp']
-            elif kind == 'dw':
-                n = self._count(cin, kept)
-                params += n * (c['k'] + c['bias'])
-                flops += n * c['k'] * c['sp']
-            elif kind == 'mha':
-                i, o = self._count(cin, kept), self._count(cout, kept)
-                qk, v = self._count(c['qk'], kept), self._count(c['v'], kept)
-                rows = 2 * qk + v
-                params += rows * i + o * v + (rows + o if c['bias'] else 0)
-                flops += c['sp'] * (rows * i + o * v + c['sp'] * (qk + v))
-            else:
-                params += self._count(cin, kept) * c['per']
-        return params + self.fixed, flops
-
-    def measure(self, kept: np.ndarray):
+    def measure(self, kept: np.ndarray) -> Tuple[int, int]:
         """``(params, flops)`` of the deployed model for ``kept``."""
-        return self._costs(kept)
+        p, f = self._evaluate(kept)
+        return int(round(p)) + self.fixed, int(round(f))
 
     def params(self, kept: np.ndarray) -> int:
-        return self._costs(kept)[0]
+        return self.measure(kept)[0]
 
     def flops(self, kept: np.ndarray) -> int:
-        return self._costs(kept)[1]
+        return self.measure(kept)[1]
 
     def marginal(self, kept: np.ndarray, metric: str = 'params') -> np.ndarray:
-        """Approximate saving of removing each channel alone (per class)."""
-        save = np.zeros(self.comb.num_classes)
-        for kind, cin, cout, c in self.items:
-            if kind == 'conv':
-                i, o = self._count(cin, kept), self._count(cout, kept)
-                per_in = o * c['k'] / c['g'] * (c['sp'] if metric == 'flops'
-                                                 else 1)
-                per_out = ((i // c['g']) * c['k']) * (
-                    c['sp'] if metric == 'flops' else 1) + (
-                        c['bias'] if metric == 'params' else 0)
-                for cls, per in ((cin, per_in), (cout, per_out)):
-                    ok = cls[cls >= 0]
-                    np.add.at(save, ok, per)
-            elif kind == 'mha':
-                i, o = self._count(cin, kept), self._count(cout, kept)
-                qk, v = self._count(c['qk'], kept), self._count(c['v'], kept)
-                f = c['sp'] if metric == 'flops' else 1
-                b = 1 if c['bias'] and metric == 'params' else 0
-                for cls, per in ((cin, (2 * qk + v) * f),
-                                 (cout, (v + b) * f),
-                                 (c['qk'], 2 * (i + b) * f),
-                                 (c['v'], (i + o + b) * f)):
-                    np.add.at(save, cls[cls >= 0], per)
-            elif kind == 'dw':
-                ok = cin[cin >= 0]
-                per = c['k'] * (c['sp'] if metric == 'flops' else 1) + (
-                    c['bias'] if metric == 'params' else 0)
-                np.add.at(save, ok, per)
-            elif metric == 'params':
-                ok = cin[cin >= 0]
-                np.add.at(save, ok, c['per'])
+        """Saving of removing each channel alone (the derivative of every
+        product term), per channel."""
+        if metric not in METRICS:
+            raise ValueError(f'metric must be one of {METRICS}, got {metric!r}')
+        save = np.zeros(self.comb.num_channels)
+        for m, coef, factors in self.terms:
+            if m != metric:
+                continue
+            counts = [f.count(kept) for f in factors]
+            for j, f in enumerate(factors):
+                other = coef
+                for i, c in enumerate(counts):
+                    if i != j:
+                        other *= c
+                np.add.at(save, f.chans, other)
         return save

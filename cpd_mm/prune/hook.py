@@ -4,22 +4,34 @@ import os.path as osp
 from typing import Optional, Sequence
 
 import numpy as np
-from mmengine.dist import all_reduce, is_distributed, is_main_process
+import torch
+from mmengine.dist import (all_reduce, broadcast_object_list, is_distributed,
+                           is_main_process)
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 
-from ..comb import comb_model
+from ..comb import ChannelGates, comb_model, prune_model
 from .cost import CostModel
-from .gates import ChannelGates
 from .importance import (IMPORTANCE_TYPES, ImportanceAccumulator,
                          normalise_by_memory)
 from .plan import PLAN_META_KEY, make_plan
 from .report import save_kept_chart, summary_table
 from .schedule import select_channels, sparsity_at
-from .surgery import prune_model
 
 STATE_KEY = 'cpd_pruning'
+
+
+def inverse_loss_scale(optim_wrapper):
+    """1 / the loss scale the next backward will use (AMP), or None; a
+    device tensor or a float, never a host synchronisation."""
+    scaler = getattr(optim_wrapper, 'loss_scaler', None)
+    if scaler is None or not getattr(scaler, 'is_enabled', lambda: True)():
+        return None
+    scale = getattr(scaler, '_scale', None)
+    if scale is None:  # set on the first scaled loss, to init_scale
+        return 1.0 / float(scaler._init_scale)
+    return torch.reciprocal(scale)
 
 
 @HOOKS.register_module()
@@ -125,6 +137,7 @@ class CPDPruningHook(Hook):
         self.seed = seed
         self.steps = 0
         self._resume_state = None
+        self._last_iter = 0
         self.comb = None
 
     # ---------------------------------------------------------- set-up
@@ -133,29 +146,74 @@ class CPDPruningHook(Hook):
             else runner.model
         return getattr(model, 'student', model)
 
+    def before_run(self, runner) -> None:
+        """Refuse a schedule that the run cannot finish, before any work."""
+        loop = getattr(runner, 'train_loop', None)
+        max_iters = getattr(loop, 'max_iters', None)
+        if isinstance(max_iters, int) and max_iters < self.end_iter:
+            raise ValueError(
+                f'CPDPruningHook: end_iter={self.end_iter} is after the last '
+                f'training iteration ({max_iters}): the model would be saved '
+                f'below its target ({self.target_sparsity:.0%} of '
+                f'{self.target}). Set end_iter <= {max_iters} (and interval, '
+                'begin_iter to match) or train longer.')
+
     def before_train(self, runner) -> None:
         student = self._student(runner)
+        state = self._resume_state
+        log = runner.logger
+        # a resumed run keeps the groups its first run froze by verification
         self.comb = comb_model(student, input_shape=self.input_shape,
-                               exclude=self.exclude)
+                               exclude=self.exclude, verify=state is None,
+                               logger=log.info)
+        self._sync_verification(state)
         self.cost = CostModel(student, self.comb)
         self.gates = ChannelGates(student, self.comb)
         self.scorer = ImportanceAccumulator(student, self.comb,
                                             self.importance, self.seed)
-        self.kept = np.ones(self.comb.num_classes, dtype=bool)
-        self.saved = []
-        if self._resume_state is not None:
-            self._restore(self._resume_state)
+        self.kept = np.ones(self.comb.num_channels, dtype=bool)
+        self.saved, self._warned_unscored = [], False
+        self._inv_scale = None
+        if state is not None:
+            self._restore(state)
         self._set_kept(self.kept)
         n = len(self.comb.prunable_groups)
-        runner.logger.info(
+        log.info(
             f'CPD: combed {type(student).__name__}: {len(self.comb.groups)} '
-            f'channel groups ({n} prunable), {self.comb.num_classes} channels'
-            f', {int(self.comb.frozen_classes.sum())} frozen; '
+            f'channel groups ({n} prunable), {self.comb.num_channels} channels'
+            f', {int(self.comb.frozen_channels.sum())} frozen; '
             f'{self.cost.total_params / 1e6:.3f} M params, target sparsity '
             f'{self.target_sparsity:.0%} of {self.target}')
+        if self.comb.verification is not None:
+            log.info(f'CPD: verification: {self.comb.verification}')
+        for g in self.comb.groups:
+            if g.frozen.any() and g.size > 1:
+                log.info(f'CPD: group {g.name} ({g.size} channels): '
+                         f'{int(g.frozen.sum())} frozen: '
+                         + '; '.join(g.reasons))
+        if self.comb.unhandled_ops:
+            log.warning('CPD: aten ops without a channel rule (their '
+                        'channels are frozen): ' + ', '.join(
+                            f'{k} x{v}' for k, v in
+                            sorted(self.comb.unhandled_ops.items())))
         if n == 0:
-            raise RuntimeError('CPD: no prunable channel group was found; '
-                               'run tools/check_pruning.py on this config')
+            raise RuntimeError(
+                'CPD: no prunable channel group was found (every group is '
+                'frozen, see the reasons above); run tools/check_pruning.py '
+                'on this config')
+
+    def _sync_verification(self, state):
+        """Every rank freezes the same groups: rank 0's verification (or the
+        resumed run's) is the one that counts."""
+        frozen = dict(state.get('verified_frozen', {})) if state else \
+            dict(self.comb.verification.frozen)
+        if is_distributed():
+            obj = [frozen]
+            broadcast_object_list(obj, src=0)
+            frozen = obj[0]
+        for name, reason in frozen.items():
+            self.comb.freeze_group(self.comb.group(name), reason)
+        self.verified_frozen = frozen
 
     def _set_kept(self, kept):
         """Apply a mask; deployed params/FLOPs are measured once here, not
@@ -163,6 +221,7 @@ class CPDPruningHook(Hook):
         self.kept = kept
         self.gates.set_kept(kept)
         self._params, self._flops = self.cost.measure(kept)
+        self._active = int(kept.sum())
 
     def sparsity(self) -> float:
         """Current sparsity of the deployed structure (params or FLOPs)."""
@@ -170,48 +229,74 @@ class CPDPruningHook(Hook):
             return 1.0 - self._params / self.cost.total_params
         return 1.0 - self._flops / self.cost.total_flops
 
+    @property
+    def finished(self) -> bool:
+        """The ramp is over and the target reached: no more pruning."""
+        return self._last_iter >= self.end_iter and \
+            self.sparsity() >= self.target_sparsity - 1e-9
+
     # ---------------------------------------------------------- training
+    def before_train_iter(self, runner, batch_idx, data_batch=None) -> None:
+        if self.comb is not None and self.scorer.active:
+            self._inv_scale = inverse_loss_scale(runner.optim_wrapper)
+
     def after_train_iter(self, runner, batch_idx, data_batch=None,
                          outputs=None) -> None:
-        self.scorer.step()
-        cur = runner.iter + 1
+        if self.scorer.active or self.importance in ('l1', 'random'):
+            self.scorer.step(self._inv_scale)
+        cur = self._last_iter = runner.iter + 1
         if cur >= self.begin_iter and (cur - self.begin_iter) % \
                 self.interval == 0 and self.sparsity() < \
                 self.target_sparsity - 1e-9:
             self._prune_step(runner, cur)
+        if self.scorer.active and self.finished:
+            self.scorer.remove()  # no scoring cost for the rest of the run
+            runner.logger.info(f'CPD: target reached at iter {cur}; '
+                               'importance hooks removed')
         hub = runner.message_hub
         hub.update_scalar('train/cpd_sparsity', self.sparsity())
         hub.update_scalar('train/cpd_params_M', self._params / 1e6)
         hub.update_scalar('train/cpd_flops_ratio',
                           self._flops / self.cost.total_flops)
-        hub.update_scalar('train/cpd_active_channels', int(self.kept.sum()))
+        hub.update_scalar('train/cpd_active_channels', self._active)
 
     def _prune_step(self, runner, cur):
         goal = sparsity_at(cur, self.begin_iter, self.end_iter,
                            self.target_sparsity)
         if goal <= self.sparsity():
             return
+        if is_distributed() and self.importance in ('hessian', 'taylor'):
+            all_reduce(self.scorer.scores, op='sum')
         scores = self.scorer.current(self.steps)
-        if is_distributed():
-            import torch
-            t = torch.as_tensor(scores)
-            all_reduce(t, op='sum')
-            scores = t.numpy()
         if self.memory_norm:
             scores = normalise_by_memory(scores, self.comb, self.kept)
+        unscored = self.scorer.unscored
+        if is_distributed():
+            t = torch.as_tensor(unscored.astype(np.float32))
+            all_reduce(t, op='sum')
+            unscored = t.numpy() > 0
+        if unscored.any() and not self._warned_unscored:
+            self._warned_unscored = True
+            names = [g.name for g in self.comb.groups
+                     if unscored[g.channels].any()]
+            runner.logger.warning(
+                f'CPD: {len(names)} group(s) are not pruned: their layers\' '
+                'outputs do not require grad (frozen parameters, e.g. '
+                'frozen_stages), so no gate gradient exists: '
+                + ', '.join(names[:8]) + (' ...' if len(names) > 8 else ''))
         total = (self.cost.total_params if self.target == 'params'
                  else self.cost.total_flops)
         self._set_kept(select_channels(scores, self.kept, self.comb,
                                        self.cost, (1 - goal) * total,
                                        self.target, self.min_channels,
-                                       self.round_to))
+                                       self.round_to, protected=unscored))
         self.scorer.reset()
         self.steps += 1
         runner.logger.info(
             f'CPD step {self.steps} at iter {cur}: sparsity '
             f'{self.sparsity():.3f} (goal {goal:.3f}), params '
             f'{self._params / 1e6:.3f} M, active channels '
-            f'{int(self.kept.sum())}/{self.comb.num_classes}')
+            f'{self._active}/{self.comb.num_channels}')
         for s in self.save_at:
             if s not in self.saved and self.sparsity() >= s - 1e-3:
                 self.saved.append(s)
@@ -221,6 +306,10 @@ class CPDPruningHook(Hook):
     def after_train(self, runner) -> None:
         if self.comb is None:
             return
+        if self.sparsity() < self.target_sparsity - 1e-3:
+            runner.logger.warning(
+                f'CPD: training ended at sparsity {self.sparsity():.3f}, '
+                f'below the target {self.target_sparsity:.3f}')
         plan = make_plan(self.comb, self.kept, self._student(runner))
         if is_main_process():
             from .plan import save_plan
@@ -261,22 +350,28 @@ class CPDPruningHook(Hook):
             return
         checkpoint[STATE_KEY] = dict(
             removed=[int(i) for i in np.nonzero(~self.kept)[0]],
-            num_channels=int(self.comb.num_classes), steps=int(self.steps),
+            num_channels=int(self.comb.num_channels), steps=int(self.steps),
             saved=[float(s) for s in self.saved],
             scorer=self.scorer.state_dict(),
+            verified_frozen=dict(self.verified_frozen),
             plan=make_plan(self.comb, self.kept, self._student(runner)))
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         self._resume_state = checkpoint.get(STATE_KEY)
 
     def _restore(self, state):
-        if state['num_channels'] != self.comb.num_classes:
+        if state['num_channels'] != self.comb.num_channels:
             raise ValueError(
                 f'CPD: the checkpoint was pruned on a model with '
                 f'{state["num_channels"]} channels, this one has '
-                f'{self.comb.num_classes}')
-        self.kept = np.ones(self.comb.num_classes, dtype=bool)
-        self.kept[np.asarray(state['removed'], dtype=np.int64)] = False
+                f'{self.comb.num_channels}')
+        kept = np.ones(self.comb.num_channels, dtype=bool)
+        kept[np.asarray(state['removed'], dtype=np.int64)] = False
+        if (~kept & self.comb.frozen_channels).any():
+            raise ValueError('CPD: the checkpoint removed channels that this '
+                             'model freezes; was it made with another '
+                             'version of cpd_mm or another exclude list?')
+        self.kept = kept
         self.steps = int(state['steps'])
         self.saved = list(state.get('saved', []))
         self.scorer.load_state_dict(state['scorer'])

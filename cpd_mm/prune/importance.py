@@ -1,73 +1,85 @@
 """Channel importance: the paper's Hessian score and ablation baselines.
 
-With gated weights θ⊙m at m = 1, the gate gradient of channel c is
-∂L/∂m_c = Σ_{i∈c} θ_i ∂L/∂θ_i, summed over the parameters that scale the
-channel where it leaves its producers: the producer's norm affine parameters
-if a norm follows it (scaling a conv before a BatchNorm changes nothing),
-else the producer's weight rows and bias, plus passengers such as pos_embed.
-These products are collected by gradient hooks as backward runs, so the
-runner's own loss (task + distillation) drives the scores.
+A gate ``m`` multiplies every gate site (see :mod:`cpd_mm.comb.gates`). At
+``m = 1`` the gate gradient of channel c is
+``∂L/∂m_c = Σ_sites Σ_positions y_c · ∂L/∂y_c``. Where a site's module has
+parameters that are homogeneous of degree one in each output channel (weight
+rows and bias of a conv or linear, a norm's affine parameters; the handler
+says which), that sum equals ``Σ θ·∂L/∂θ`` over those parameters, collected
+by gradient hooks as backward runs; other sites (parameter-free modules,
+modules whose parameters do not train) use the activation and its gradient
+directly. Handlers that gate inside a module (attention projections) name
+their own parameters. The runner's own loss (task + distillation) drives
+the scores.
 
-Scores (per channel, accumulated over a pruning interval):
+Scores (per channel, accumulated over a pruning interval, on the device):
   - ``hessian``: (∂L/∂m_c)², the squared-gradient estimate of the Hessian
     diagonal restricted to the gates (the paper's practical score);
   - ``taylor``: |∂L/∂m_c| (first-order Taylor);
-  - ``l1``: Σ|θ| of the producer rows (magnitude);
+  - ``l1``: Σ|θ| of the gate parameters (magnitude);
   - ``random``: uniform random.
-Memory normalisation divides by the group's activation memory, B·H·W of the
-producers' outputs times the group's active channels.
+Each backward contributes once (hooks see one backward's gradient, also
+under gradient accumulation); gradients scaled by AMP are unscaled with the
+scale of that backward, and a backward whose gradients overflowed is
+skipped, without a host synchronisation. Memory normalisation divides by
+the group's activation memory, B·H·W of the producers' outputs times the
+group's active channels.
 """
-import warnings
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 from ..comb.groups import CombResult
+from ..comb.handlers import handler_for
+from ..comb.space import along, channel_axis
 
 IMPORTANCE_TYPES = ('hessian', 'taylor', 'l1', 'random')
 
 
-def gate_parameters(model: nn.Module, comb: CombResult) -> List[Tuple]:
-    """``[(param, axis, class index per position), ...]`` of gate-equivalent
-    parameters."""
-    modules = dict(model.named_modules())
-    normed = {}
-    for name, rec in comb.records.items():
-        if rec['kind'] == 'norm' and rec.get('follows'):
-            normed.setdefault(rec['follows'], name)
-    out = []
-    for name, rec in comb.records.items():
-        if rec['kind'] == 'mha':
-            m = modules[name]
-            inner = comb.classes(np.concatenate([rec['qk'], rec['qk'],
-                                                 rec['v']]))
-            outc = comb.classes(rec['out'])
-            for p, cls in ((m.in_proj_weight, inner), (m.in_proj_bias, inner),
-                           (m.out_proj.weight, outc), (m.out_proj.bias, outc)):
-                if isinstance(p, nn.Parameter):
-                    out.append((p, 0, cls))
-            continue
-        if 'out' not in rec or rec.get('dw'):
-            continue
-        src = normed.get(name, name)
-        m = modules[src]
-        atoms = comb.records[src]['in'] if src != name else rec['out']
-        cls = comb.classes(atoms)
-        for pname in ('weight', 'bias'):
-            p = getattr(m, pname, None)
-            if isinstance(p, nn.Parameter) and p.shape[0] == len(cls):
-                out.append((p, 0, cls))
-    seen = set()
-    params = dict(model.named_parameters())
-    for ps in comb.passengers:
-        p = params.get(ps['name'])
-        if p is None or (ps['name'], ps['axis']) in seen:
-            continue
-        seen.add((ps['name'], ps['axis']))
-        out.append((p, ps['axis'], comb.classes(ps['atoms'])))
+def _site_lines(comb: CombResult):
+    """module -> (channel axis of its output, atoms along it)."""
+    out = {}
+    for s in comb.sites:
+        ch = channel_axis(s.ids)
+        if ch is not None and s.module not in out:
+            out[s.module] = (ch - s.ids.ndim, along(s.ids, ch,
+                                                    s.ids.shape[ch]))
     return out
+
+
+def gate_parameters(model: nn.Module, comb: CombResult):
+    """Split the gates into parameter-scored and activation-scored ones.
+
+    Returns ``(params, activation_sites)``: ``params`` is a list of
+    ``(name, parameter, axis, channel per position)``; ``activation_sites``
+    maps module names to ``(output channel axis, channel per position)``.
+    """
+    modules = dict(model.named_modules())
+    params, acts = [], {}
+    for name, (axis, atoms) in _site_lines(comb).items():
+        m = modules[name]
+        h = handler_for(m)
+        rec = comb.records.get(name)
+        chans = comb.channels(atoms)
+        found = []
+        if h is not None and rec is not None:
+            for pname, pax in h.site_parameters(m, rec):
+                p = getattr(m, pname, None)
+                if isinstance(p, nn.Parameter) and \
+                        p.shape[pax] == len(chans):
+                    found.append((f'{name}.{pname}', p, pax, chans))
+        if found and all(p.requires_grad for _, p, _, _ in found):
+            params += found
+        else:
+            acts[name] = (axis, chans)
+    for name, rec in comb.records.items():
+        m = modules[name]
+        for pname, pax, atoms in handler_for(m).internal_gates(m, rec):
+            p = m.get_parameter(pname)
+            params.append((f'{name}.{pname}', p, pax, comb.channels(atoms)))
+    return params, acts
 
 
 class ImportanceAccumulator:
@@ -77,6 +89,11 @@ class ImportanceAccumulator:
         model, comb: the model being pruned and its groups.
         kind: one of :data:`IMPORTANCE_TYPES`.
         seed: for ``random``.
+
+    Attributes:
+        unscored (np.ndarray): bool per channel whose gate gradient could
+            not be observed (its layer's output does not require grad, e.g.
+            a frozen stage); they must not be pruned on a zero score.
     """
 
     def __init__(self, model: nn.Module, comb: CombResult,
@@ -85,84 +102,135 @@ class ImportanceAccumulator:
             raise ValueError(f'importance must be one of {IMPORTANCE_TYPES},'
                              f' but got {kind!r}')
         self.kind, self.comb, self.seed = kind, comb, seed
-        self.scores = np.zeros(comb.num_classes)
-        self.iters = 0
-        self.skipped = 0
-        self._params = gate_parameters(model, comb)
-        p0 = self._params[0][0] if self._params else None
-        dev = p0.device if p0 is not None else 'cpu'
-        self._grad = torch.zeros(comb.num_classes + 1, device=dev)
+        self.params, self.activation_sites = gate_parameters(model, comb)
+        p0 = next(iter(model.parameters()), None)
+        dev = p0.device if p0 is not None else torch.device('cpu')
+        acc = torch.float64 if dev.type in ('cpu', 'cuda') else torch.float32
+        n = comb.num_channels
+        self._grad = torch.zeros(n + 1, device=dev)
+        self.scores = torch.zeros(n, device=dev, dtype=acc)
+        self.iters_t = torch.zeros((), device=dev, dtype=torch.int64)
+        self.unscored = np.zeros(n, dtype=bool)
         self._handles = []
-        if kind in ('hessian', 'taylor'):
-            for p, axis, cls in self._params:
-                idx = torch.as_tensor(np.where(cls >= 0, cls, comb.num_classes))
-                self._handles.append(p.register_post_accumulate_grad_hook(
-                    self._hook(axis, idx)))
+        if kind not in ('hessian', 'taylor'):
+            return
+        for _, p, axis, chans in self.params:
+            if p.requires_grad:
+                self._handles.append(p.register_hook(
+                    self._param_hook(p, axis, self._index(chans, dev))))
+            else:  # a frozen attention projection: no gradient to read
+                self.unscored[chans[chans >= 0]] = True
+        modules = dict(model.named_modules())
+        for name, (axis, chans) in self.activation_sites.items():
+            self._handles.append(modules[name].register_forward_hook(
+                self._activation_hook(axis, chans, self._index(chans, dev))))
 
-    def _hook(self, axis, idx):
-        def fn(p):
-            if p.grad is None:
-                return
-            prod = (p.detach() * p.grad.detach()).float()
+    def _index(self, chans, device):
+        n = self.comb.num_channels
+        return torch.as_tensor(np.where(chans >= 0, chans, n), device=device)
+
+    def _add(self, per, idx):
+        if idx.device != per.device:
+            idx = idx.to(per.device)
+        if self._grad.device != per.device:
+            self._grad = self._grad.to(per.device)
+        self._grad.index_add_(0, idx, per.float())
+
+    def _param_hook(self, p, axis, idx):
+        def fn(grad):
+            prod = p.detach() * grad.detach()
             dims = [d for d in range(prod.dim()) if d != axis]
-            per = prod.sum(dims) if dims else prod
-            if self._grad.device != per.device:
-                self._grad = self._grad.to(per.device)
-            self._grad.index_add_(0, idx.to(per.device), per)
+            self._add(prod.sum(dims) if dims else prod, idx)
         return fn
 
-    def step(self) -> None:
-        """Close one training iteration: fold its gate gradient in."""
+    def _activation_hook(self, axis, chans, idx):
+        def fn(module, args, out):
+            if not isinstance(out, torch.Tensor) or not torch.is_grad_enabled():
+                return
+            if not out.requires_grad:
+                self.unscored[chans[chans >= 0]] = True
+                return
+            y = out.detach()
+
+            def grad_fn(grad):
+                prod = y * grad.detach()
+                ax = axis % prod.dim()
+                dims = [d for d in range(prod.dim()) if d != ax]
+                self._add(prod.sum(dims) if dims else prod, idx)
+            out.register_hook(grad_fn)
+        return fn
+
+    def step(self, inv_scale: Optional[torch.Tensor] = None) -> None:
+        """Close one backward: fold its gate gradient in (device only).
+
+        Args:
+            inv_scale: 1 / loss scale of that backward (AMP), a tensor or
+                a float.
+        """
         if self.kind not in ('hessian', 'taylor'):
-            self.iters += 1
+            self.iters_t += 1
             return
-        g = self._grad[:-1].detach().cpu().double().numpy()
+        g = self._grad[:-1].to(self.scores.dtype)
+        if isinstance(inv_scale, torch.Tensor):
+            g = g * inv_scale.to(g)
+        elif inv_scale is not None:
+            g = g * inv_scale
+        ok = torch.isfinite(g).all()
+        v = g * g if self.kind == 'hessian' else g.abs()
+        self.scores += torch.where(ok, v, torch.zeros_like(v))
+        self.iters_t += ok.to(torch.int64)
         self._grad.zero_()
-        if not np.isfinite(g).all():
-            self.skipped += 1
-            warnings.warn('CPD importance: non-finite gate gradients in this '
-                          'iteration were skipped')
-            return
-        self.scores += g * g if self.kind == 'hessian' else np.abs(g)
-        self.iters += 1
+
+    @property
+    def iters(self) -> int:
+        """Backwards folded in since the last reset (a host copy)."""
+        return int(self.iters_t)
 
     def current(self, step: int = 0) -> np.ndarray:
-        """Scores of every channel (higher = more important)."""
+        """Scores of every channel (higher = more important): one copy to
+        the host."""
         if self.kind == 'l1':
-            s = np.zeros(self.comb.num_classes)
-            for p, axis, cls in self._params:
+            s = np.zeros(self.comb.num_channels)
+            for _, p, axis, chans in self.params:
                 dims = [d for d in range(p.dim()) if d != axis]
                 v = p.detach().abs().float()
                 v = (v.sum(dims) if dims else v).cpu().double().numpy()
-                ok = cls >= 0
-                np.add.at(s, cls[ok], v[ok])
+                ok = chans >= 0
+                np.add.at(s, chans[ok], v[ok])
             return s
         if self.kind == 'random':
             return np.random.default_rng(self.seed + step).random(
-                self.comb.num_classes)
-        return self.scores.copy()
+                self.comb.num_channels)
+        return self.scores.detach().cpu().double().numpy()
 
     def reset(self) -> None:
-        self.scores[:] = 0
-        self.iters = 0
+        self.scores.zero_()
+        self.iters_t.zero_()
 
     def remove(self) -> None:
+        """Detach every hook (pruning is over: no cost on later steps)."""
         for h in self._handles:
             h.remove()
         self._handles = []
 
+    @property
+    def active(self) -> bool:
+        return bool(self._handles)
+
     def state_dict(self) -> dict:
-        return dict(scores=self.scores.tolist(), iters=self.iters,
-                    skipped=self.skipped)
+        return dict(scores=self.current().tolist() if self.kind in (
+            'hessian', 'taylor') else [], iters=self.iters,
+            unscored=[int(i) for i in np.nonzero(self.unscored)[0]])
 
     def load_state_dict(self, state: dict) -> None:
-        s = np.asarray(state['scores'], dtype=np.float64)
-        if s.shape != self.scores.shape:
-            raise ValueError('checkpointed importance scores do not match '
-                             'the model channels')
-        self.scores = s
-        self.iters = int(state['iters'])
-        self.skipped = int(state.get('skipped', 0))
+        if self.kind in ('hessian', 'taylor'):
+            s = np.asarray(state['scores'], dtype=np.float64)
+            if s.shape != tuple(self.scores.shape):
+                raise ValueError('checkpointed importance scores do not '
+                                 'match the model channels')
+            self.scores.copy_(torch.from_numpy(s).to(self.scores))
+        self.iters_t.fill_(int(state['iters']))
+        self.unscored[np.asarray(state.get('unscored', []), np.int64)] = True
 
 
 def normalise_by_memory(scores: np.ndarray, comb: CombResult,
@@ -170,7 +238,7 @@ def normalise_by_memory(scores: np.ndarray, comb: CombResult,
     """Divide each channel's score by its group's activation memory."""
     out = scores.copy()
     for g in comb.groups:
-        active = max(int(kept[g.classes].sum()), 1)
+        active = max(int(kept[g.channels].sum()), 1)
         mem = max(g.numel_per_channel, 1) * active
-        out[g.classes] = scores[g.classes] / mem
+        out[g.channels] = scores[g.channels] / mem
     return out

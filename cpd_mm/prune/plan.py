@@ -19,8 +19,7 @@ from typing import Optional
 import numpy as np
 import torch.nn as nn
 
-from ..comb import comb_model
-from .surgery import prune_model
+from ..comb import comb_model, prune_model
 
 PLAN_META_KEY = 'cpd_plan'
 PLAN_FORMAT = 'cpd_mm.plan/v1'
@@ -33,7 +32,7 @@ class PlanMismatchError(ValueError):
 def make_plan(comb, kept: np.ndarray, model: Optional[nn.Module] = None) -> dict:
     """Plan of a keep-mask over ``comb``'s channels."""
     plan = comb.plan_from_kept(np.asarray(kept, dtype=bool))
-    plan['num_channels'] = int(comb.num_classes)
+    plan['num_channels'] = int(comb.num_channels)
     if model is not None:
         plan['model'] = type(model).__name__
     return plan
@@ -64,14 +63,16 @@ def apply_plan(model: nn.Module, plan: dict, comb=None) -> nn.Module:
             f'the plan was made for a {plan["model"]}, but the config '
             f'builds a {type(target).__name__}')
     if comb is None:
-        comb = comb_model(target, input_shape=plan['input_shape'])
-    if plan.get('num_channels') not in (None, comb.num_classes):
+        # the plan was checked when it was made: the structure is enough
+        comb = comb_model(target, input_shape=plan['input_shape'],
+                          verify=False)
+    if plan.get('num_channels') not in (None, comb.num_channels):
         raise PlanMismatchError(
             f'the plan was made for a model with {plan["num_channels"]} '
-            f'channels, this config builds one with {comb.num_classes}: '
+            f'channels, this config builds one with {comb.num_channels}: '
             'use the config the checkpoint was trained with')
     try:
-        kept = comb.kept_classes_from_plan(plan)
+        kept = comb.kept_from_plan(plan)
     except (KeyError, ValueError) as e:
         raise PlanMismatchError(f'plan does not fit the model: {e}') from None
     prune_model(target, comb, kept)

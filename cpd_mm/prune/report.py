@@ -22,7 +22,7 @@ def group_table(comb: CombResult, kept: Optional[np.ndarray] = None,
     for i, g in enumerate(comb.groups):
         if max_rows is not None and i >= max_rows:
             break
-        k = int(kept[g.classes].sum()) if kept is not None else g.size
+        k = int(kept[g.channels].sum()) if kept is not None else g.size
         frozen = f'{int(g.frozen.sum())}'
         if g.reasons:
             frozen += ': ' + _short(g.reasons, 1)
@@ -38,7 +38,7 @@ def summary_table(comb: CombResult, kept: np.ndarray) -> str:
     for g in comb.groups:
         if not g.prunable:
             continue
-        k = int(kept[g.classes].sum())
+        k = int(kept[g.channels].sum())
         t.add_row([g.name, g.size, k, f'{100.0 * k / g.size:.1f}'])
     return t.get_string()
 
@@ -50,7 +50,7 @@ def save_kept_chart(comb: CombResult, kept: np.ndarray, path: str) -> str:
     import matplotlib.pyplot as plt
     groups = [g for g in comb.groups if g.prunable]
     sizes = np.array([g.size for g in groups])
-    keeps = np.array([int(kept[g.classes].sum()) for g in groups])
+    keeps = np.array([int(kept[g.channels].sum()) for g in groups])
     fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(groups)), 4))
     x = np.arange(len(groups))
     ax.bar(x, sizes, color='#cccccc', label='original')

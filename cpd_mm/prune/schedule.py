@@ -1,4 +1,6 @@
 """Greedy channel selection towards a parameter or FLOPs budget."""
+from typing import Optional
+
 import numpy as np
 
 from ..comb.groups import CombResult
@@ -7,12 +9,13 @@ from .cost import CostModel
 
 def select_channels(scores: np.ndarray, kept: np.ndarray, comb: CombResult,
                     cost: CostModel, target: float, metric: str = 'params',
-                    min_channels: int = 1, round_to: int = 1) -> np.ndarray:
+                    min_channels: int = 1, round_to: int = 1,
+                    protected: Optional[np.ndarray] = None) -> np.ndarray:
     """Remove the lowest-scoring channels until ``metric`` of the deployed
     model is at most ``target`` (an absolute count).
 
-    Channels are compared across all groups; frozen channels and the last
-    ``min_channels`` of every group are never removed.  With ``round_to > 1``
+    Channels are compared across all groups; frozen channels, ``protected``
+    ones and the last ``min_channels`` of every group are never removed.  With ``round_to > 1``
     every group keeps a multiple of ``round_to`` channels (or all of them):
     channels leave a group in chunks (first down to the next multiple, then
     ``round_to`` at a time) ranked by their mean score, and a group keeps at
@@ -31,11 +34,13 @@ def select_channels(scores: np.ndarray, kept: np.ndarray, comb: CombResult,
         if current <= target:
             break
         saving = cost.marginal(kept, metric)
-        removable = kept & ~comb.frozen_classes & (saving > 0)
+        removable = kept & ~comb.frozen_channels & (saving > 0)
+        if protected is not None:
+            removable &= ~protected
         chunks = []  # (mean score, group, position in group, classes)
         for gi, g in enumerate(comb.groups):
-            left = int(kept[g.classes].sum())
-            cand = g.classes[removable[g.classes]]
+            left = int(kept[g.channels].sum())
+            cand = g.channels[removable[g.channels]]
             cand = cand[np.lexsort((cand, scores[cand]))]
             size = left % round_to or round_to
             pos = 0

@@ -1,10 +1,10 @@
 """Surgery: turn a model plus a keep-mask into a smaller dense model.
 
-Slices every member of every group (stop ops, norms, depthwise convs,
-passengers), folds the original attention scale into q when head dims
-shrink, and updates module attributes that the model's own forward code uses
-to reshape (``head_dims``, ``num_channels`` ...), so that forward runs
-unchanged on the smaller model.
+Every handled module is sliced by its handler (or swapped for a drop-in),
+passengers are sliced, the original attention scale is folded into q when
+head dims shrink, and module attributes that the model's own forward code
+uses to reshape (``head_dims``, ``num_channels`` ...) are updated, so that
+forward runs unchanged on the smaller model.
 """
 import inspect
 import math
@@ -14,10 +14,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..comb.groups import CombResult
-from ..comb.attention import replace_pruned_attention
-from ..comb.modules import _keep_param, handler_for
-from ..comb.space import along
+from .groups import CombResult
+from .handlers import handler_for, keep_param
+from .space import along
 
 
 def _owner(model, path):
@@ -29,15 +28,16 @@ def _owner(model, path):
 def _fold_attention_scales(model, comb, keep):
     """Scaled-dot-product attention without an explicit scale derives
     1/sqrt(head_dim) from q; keep the original by scaling q's producer."""
-    for s in comb.sdpa:
-        d = s['head_dim']
-        new_d = int(keep(along(s['q_ids'], -1, d)).sum())
-        if new_d == d or not s['producer']:
+    for s in comb.attention_scales:
+        d = s.head_dim
+        new_d = int(keep(along(s.q_ids, -1, d)).sum())
+        if new_d == d or not s.producer:
             continue
-        m = model.get_submodule(s['producer'])
-        rec = comb.records[s['producer']]
-        q_atoms = np.unique(s['q_ids'][s['q_ids'] >= 0])
-        rows = torch.as_tensor(np.nonzero(np.isin(rec['out'], q_atoms))[0])
+        m = model.get_submodule(s.producer)
+        rec = comb.records[s.producer]
+        q_atoms = np.unique(s.q_ids[s.q_ids >= 0])
+        rows = torch.as_tensor(np.nonzero(np.isin(rec.outputs, q_atoms))[0],
+                               device=m.weight.device)
         f = math.sqrt(new_d / d)
         with torch.no_grad():
             m.weight[rows] *= f
@@ -64,25 +64,30 @@ def _update_view_attributes(model, comb, keep):
     """Reshape targets read from module attributes must follow the pruning."""
     changes = {}
     for v in comb.views:
-        new = int(keep(v['atoms']).sum())
-        if new == v['size']:
+        new = int(keep(v.atoms).sum())
+        if new == v.size:
             continue
-        m = model.get_submodule(v['module']) if v['module'] else model
+        m = model.get_submodule(v.module) if v.module else model
         src = _forward_source(m)
         cands = [k for k, val in vars(m).items()
-                 if type(val) is int and val == v['size'] and
+                 if type(val) is int and val == v.size and
                  re.search(r'\.%s\b' % re.escape(k), src)]
         for k in cands:
-            key = (v['module'], k)
+            key = (v.module, k)
             if changes.get(key, new) != new:
                 raise RuntimeError(
-                    f'{v["module"]}.{k} would need two sizes '
+                    f'{v.module}.{k} would need two sizes '
                     f'({changes[key]} and {new}) after pruning')
             changes[key] = new
     for (mod, k), new in changes.items():
         m = model.get_submodule(mod) if mod else model
         setattr(m, k, new)
     return changes
+
+
+def _set_submodule(model, name, new):
+    parent, _, attr = name.rpartition('.')
+    setattr(model.get_submodule(parent) if parent else model, attr, new)
 
 
 def prune_model(model: nn.Module, comb: CombResult,
@@ -92,35 +97,34 @@ def prune_model(model: nn.Module, comb: CombResult,
     Args:
         model: the model ``comb`` was computed on (not yet pruned).
         comb: its :class:`CombResult`.
-        kept: bool array over ``comb.num_classes``.
+        kept: bool array over ``comb.num_channels``.
     Returns:
         The same model object, smaller.
     """
     kept = np.asarray(kept, dtype=bool)
-    if kept.shape != (comb.num_classes, ):
+    if kept.shape != (comb.num_channels, ):
         raise ValueError(f'kept mask has shape {kept.shape}, expected '
-                         f'({comb.num_classes},)')
-    if (~kept & comb.frozen_classes).any():
+                         f'({comb.num_channels},)')
+    if (~kept & comb.frozen_channels).any():
         raise ValueError('the keep-mask removes frozen channels')
     for g in comb.groups:
-        if not kept[g.classes].any():
+        if not kept[g.channels].any():
             raise ValueError(f'group {g.name!r} would lose all its channels')
     keep = comb.keep_fn(kept)
     _fold_attention_scales(model, comb, keep)
     modules = dict(model.named_modules())
     for name, rec in comb.records.items():
-        if rec['kind'] == 'mha':
-            replace_pruned_attention(model, name, rec, keep)
-            continue
-        handler = handler_for(modules[name])
-        handler.prune(modules[name], rec, keep)
+        m = modules[name]
+        new = handler_for(m).prune(m, rec, keep)
+        if new is not None:
+            _set_submodule(model, name, new)
     done = {}
     for ps in comb.passengers:
-        mask = keep(ps['atoms'])
-        key = (ps['name'], ps['axis'])
+        mask = keep(ps.atoms)
+        key = (ps.name, ps.axis)
         if key in done:
             if not np.array_equal(done[key], mask):
-                raise RuntimeError(f'passenger {ps["name"]} is indexed by '
+                raise RuntimeError(f'passenger {ps.name} is indexed by '
                                    'two different channel sets')
             continue
         done[key] = mask
@@ -128,6 +132,6 @@ def prune_model(model: nn.Module, comb: CombResult,
         if mask.all():
             continue
         mod, attr = _owner(model, pname)
-        _keep_param(mod, attr, axis, mask)
+        keep_param(mod, attr, axis, mask)
     _update_view_attributes(model, comb, keep)
     return model

@@ -1,12 +1,9 @@
 """How view, indexing and joining ops move channel atoms (reshape, permute,
-select/slice, split/chunk/unbind, cat/stack).
-
-Registered in the same rule table as :mod:`cpd_mm.comb.ops`.
-"""
+select/slice, split/chunk/unbind, cat/stack)."""
 import numpy as np
 
-from .ops import _classes_identical_along, rule
-from .space import TensorInfo, canonical, channel_axis, empty_ids
+from ..space import TensorInfo, canonical, channel_axis, empty_ids
+from .table import classes_identical_along, rule
 
 VIEW_OPS = {'view', '_unsafe_view', 'reshape', 'flatten', 'unflatten'}
 
@@ -121,7 +118,7 @@ def expand_rule(tr, args, kwargs, out):
 def _index_axis(tr, x, axis, what):
     """Freeze channels if an op picks fixed positions along a channel axis."""
     info = tr.info(x)
-    if not _classes_identical_along(tr, info.ids, axis):
+    if not classes_identical_along(tr, info.ids, axis):
         tr.freeze(info.ids, f'{what} picks fixed positions on a channel axis')
 
 

@@ -1,0 +1,141 @@
+"""Comb verifies its own groups: what a rule gets wrong is frozen, with the
+reason, and found by bisection at a logarithmic cost."""
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from cpd_mm.comb import comb_model
+from cpd_mm.comb.verify import FAILED
+from equivalence import assert_equivalent
+
+
+class HardCodedReshape(nn.Module):
+    """A reshape with a literal channel count: no rule can update it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 3, padding=1)
+        self.b = nn.Conv2d(16, 16, 3, padding=1)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        y = torch.relu(self.b(torch.relu(self.a(x))))
+        B = y.shape[0]
+        y = y.reshape(B, 16, -1).mean(-1)  # the literal 16 breaks pruning
+        return self.head(y)
+
+
+def test_a_hard_coded_reshape_is_frozen_with_the_error():
+    model = HardCodedReshape()
+    raw = comb_model(model, input_shape=(1, 3, 8, 8), verify=False)
+    assert raw.group('b').prunable  # the rules alone would prune it
+    comb = comb_model(model, input_shape=(1, 3, 8, 8))
+    g = comb.group('b')
+    assert not g.prunable and g.frozen.all()
+    reason = comb.verification.frozen['b']
+    assert reason.startswith(FAILED) and 'pruned model raised' in reason
+    assert any(r.startswith(FAILED) for r in g.reasons)
+    # the other group was checked and stays prunable
+    assert comb.group('a').prunable and 'a' not in comb.verification.frozen
+
+
+def _conv_ws_net():
+    from mmcv.cnn import ConvWS2d  # weight-standardised conv (mmcv)
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                         ConvWS2d(16, 8, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(8, 4))
+
+
+def test_a_silent_difference_is_frozen():
+    """mmcv's ConvWS2d standardises its weight over input channels: removing
+    inputs changes every output (no error, a different function). The conv
+    handler takes it for a plain conv; verification finds the group that
+    feeds it, and only that one."""
+    model = _conv_ws_net()
+    comb = comb_model(model, input_shape=(1, 3, 8, 8))
+    frozen = comb.verification.frozen
+    assert list(frozen) == ['2'], frozen
+    assert 'max relative difference' in frozen['2']
+    assert comb.group('0').prunable and comb.group('4').prunable
+    # what is left prunes exactly
+    assert_equivalent_after(model, comb)
+
+
+def assert_equivalent_after(model, comb):
+    from cpd_mm.comb import ChannelGates, prune_model
+    from cpd_mm.comb.verify import random_plans
+    x = torch.randn(1, 3, 8, 8)
+    for kept in random_plans(comb, seed=7):
+        gates = ChannelGates(model, comb)
+        gates.set_kept(kept)
+        with torch.no_grad():
+            a = model(x)
+        gates.remove()
+        b = prune_model(copy.deepcopy(model), comb, kept)(x)
+        with torch.no_grad():
+            d = (a - b).abs().max() / a.abs().max()
+        assert float(d) < 1e-5
+
+
+class ManyGroups(nn.Module):
+    """``n`` independent branches; the ones in ``bad`` have a literal
+    reshape."""
+
+    def __init__(self, n=16, bad=(5, )):
+        super().__init__()
+        self.branches = nn.ModuleList(nn.Conv2d(3, 8, 1) for _ in range(n))
+        self.outs = nn.ModuleList(nn.Conv2d(8, 2, 1) for _ in range(n))
+        self.bad = set(bad)
+
+    def forward(self, x):
+        ys = []
+        for i, (a, b) in enumerate(zip(self.branches, self.outs)):
+            y = torch.relu(a(x))
+            if i in self.bad:  # channel attention with a literal width
+                s = y.reshape(y.shape[0], 8, -1).mean(-1)
+                y = y * s.view(y.shape[0], -1, 1, 1)
+            ys.append(b(y))
+        return torch.cat(ys, 1)
+
+
+@pytest.mark.parametrize('G,bad', [(16, (5, )), (64, (0, 29, 63))])
+def test_bisection_cost_is_logarithmic(G, bad):
+    model = ManyGroups(G, bad)
+    comb = comb_model(model, input_shape=(1, 3, 4, 4))
+    v = comb.verification
+    assert sorted(v.frozen) == sorted(f'branches.{i}' for i in bad)
+    k = len(bad)
+    # one check per plan, then per bad group one check per halving and
+    # one re-check of what is left
+    assert v.checks <= 2 + k * (math.ceil(math.log2(G)) + 1), v.checks
+    assert v.checks < G / 2  # far fewer than one check per group
+
+
+def test_verification_leaves_the_model_alone():
+    model = HardCodedReshape().train()
+    before = copy.deepcopy(model.state_dict())
+    comb_model(model, input_shape=(1, 3, 8, 8))
+    assert model.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+    assert not any(getattr(m, '_forward_hooks', None) for m in
+                   model.modules())
+
+
+def test_verification_passes_exact_models_untouched():
+    """On a model the rules handle, verification freezes nothing and the
+    groups equal those of the unverified comb."""
+    import torchvision
+    model = torchvision.models.resnet18()
+    raw = comb_model(model, input_shape=(1, 3, 32, 32), verify=False)
+    comb = comb_model(model, input_shape=(1, 3, 32, 32))
+    assert comb.verification.frozen == {}
+    assert np.array_equal(raw.frozen_channels, comb.frozen_channels)
+    assert comb.verification.checks == 2
