@@ -78,7 +78,8 @@ def comb_model(model: nn.Module,
                            and tracer.calls.get(n, 0) == 0]
         if verify:
             result.verification = verify_comb(model, result, example_inputs,
-                                              forward, logger=logger)
+                                              forward, logger=logger,
+                                              reference=tracer.output)
     finally:
         model.train(was_training)
     return result

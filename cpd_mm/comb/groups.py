@@ -84,6 +84,7 @@ class CombResult:
         self.norm_sites = tracer.norm_sites
         self.attention_scales = tracer.attention_scales
         self.views = tracer.views
+        self.split_sizes = tracer.split_sizes
         self.unhandled_ops = dict(tracer.unhandled_ops)
         self.passengers = tracer.passengers
         self.producers = tracer.producers

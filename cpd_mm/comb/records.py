@@ -83,6 +83,15 @@ class ViewSize:
 
 
 @dataclass
+class SplitSizes:
+    """A split of the channel axis into unequal parts inside ``module``;
+    a module attribute equal to ``sizes`` may be the split's argument."""
+    module: str
+    sizes: List[int]
+    parts: List[np.ndarray]
+
+
+@dataclass
 class Frozen:
     """Atoms that must never be pruned, and why."""
     atoms: np.ndarray

@@ -46,7 +46,8 @@ def _fold_attention_scales(model, comb, keep):
 
 
 # shape arguments of reshaping calls (one level of nested parentheses)
-_SHAPE_CALL = re.compile(r'\b(?:reshape|view|unflatten|expand)\('
+_SHAPE_CALL = re.compile(r'\b(?:reshape|view|unflatten|expand|split|'
+                         r'split_with_sizes)\('
                          r'(?:[^()]|\([^()]*\))*\)')
 
 
@@ -61,7 +62,8 @@ def _forward_source(module):
 
 
 def _update_view_attributes(model, comb, keep):
-    """Reshape targets read from module attributes must follow the pruning."""
+    """Reshape targets and split sizes read from module attributes must
+    follow the pruning."""
     changes = {}
     for v in comb.views:
         new = int(keep(v.atoms).sum())
@@ -79,6 +81,16 @@ def _update_view_attributes(model, comb, keep):
                     f'{v.module}.{k} would need two sizes '
                     f'({changes[key]} and {new}) after pruning')
             changes[key] = new
+    for sp in comb.split_sizes:
+        new = [int(keep(a).sum()) for a in sp.parts]
+        if new == sp.sizes:
+            continue
+        m = model.get_submodule(sp.module) if sp.module else model
+        src = _forward_source(m)
+        for k, val in vars(m).items():
+            if isinstance(val, (list, tuple)) and list(val) == sp.sizes \
+                    and re.search(r'\.%s\b' % re.escape(k), src):
+                changes[(sp.module, k)] = type(val)(new)
     for (mod, k), new in changes.items():
         m = model.get_submodule(mod) if mod else model
         setattr(m, k, new)

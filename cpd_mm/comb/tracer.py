@@ -23,7 +23,7 @@ from .forward import default_forward
 from .handlers import handler_for
 from .handlers.norm import NormHandler, NormRecord
 from .records import (Channelwise, Frozen, GateSite, NormSite, Passenger,
-                      Producer, ViewSize)
+                      Producer, SplitSizes, ViewSize)
 from .rules import NO_CHANNEL_OPS, RULES, STOP_OPS
 from .space import TensorInfo, UnionFind, along, channel_axis, empty_ids
 
@@ -58,11 +58,21 @@ class CombTracer(TorchDispatchMode):
         self.frozen: List[Frozen] = []
         self.attention_scales = []
         self.views: List[ViewSize] = []
+        self.split_sizes: List[SplitSizes] = []
         self.sites: List[GateSite] = []
         self.norm_sites: List[NormSite] = []
         self._site_of: Dict[int, int] = {}   # id(gated tensor) -> site
         self._norm_ops = defaultdict(int)    # (module, call) -> norm ops
         self.calls = defaultdict(int)
+        # parameters of modules traced as one unit: used by other ops too,
+        # their channels cannot be sliced by the handler alone
+        self._owner = {}
+        for mname, m in self.modules.items():
+            h = handler_for(m)
+            if h is not None and not h.transparent:
+                for pname, p in m.named_parameters(prefix=mname):
+                    self._owner.setdefault(id(p), (mname, pname))
+        self._escaped = defaultdict(set)   # module -> 'param by aten.op'
         self.debug = os.environ.get('CPD_MM_DEBUG') == '1'
         self.unhandled_ops = defaultdict(int)
 
@@ -180,6 +190,10 @@ class CombTracer(TorchDispatchMode):
         self.current_op = name
         ins = self.tensors_of((args, kwargs))
         self._use(ins, 'aten.' + name)
+        for t in ins:
+            owner = self._owner.get(id(t))
+            if owner is not None:
+                self._escaped[owner[0]].add(f'{owner[1]} by aten.{name}')
         res, failed = None, False
         rule = RULES.get(name)
         if rule is not None:
@@ -216,6 +230,17 @@ class CombTracer(TorchDispatchMode):
             return any(u.startswith('bn:') for u in s.users) and all(
                 u.startswith('bn:') or u in _BATCH_NORM_OPS for u in s.users)
         self.sites = [s for s in self.sites if not redundant(s)]
+
+    def _freeze_escaped(self):
+        for mname, uses in self._escaped.items():
+            rec = self.records.get(mname)
+            if rec is None:
+                continue
+            self.stack.append(mname)
+            for atoms in rec.atom_arrays().values():
+                self.freeze(atoms, 'parameter used outside its module: ' +
+                            ', '.join(sorted(uses)[:2]))
+            self.stack.pop()
 
     def _unknown(self, name, ins, why=None):
         infos = [self.info(t) for t in ins]
@@ -310,6 +335,7 @@ class CombTracer(TorchDispatchMode):
                 self.freeze(self.info(t).ids, 'model output')
                 self._use([t], 'output')
             self._drop_redundant_sites()
+            self._freeze_escaped()
         finally:
             for h in handles:
                 h.remove()

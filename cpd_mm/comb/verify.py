@@ -82,9 +82,10 @@ def random_plans(comb: CombResult, seed: int = 0):
 class _Checker:
     """Gated vs pruned outputs for a keep-mask restricted to some groups."""
 
-    def __init__(self, model, comb, x, forward, tol):
+    def __init__(self, model, comb, x, forward, tol, scales=None):
         self.model, self.comb, self.x = model, comb, x
         self.forward, self.tol = forward, tol
+        self.scales = scales  # output magnitudes of the unpruned model
         self.checks = 0
         self.max_difference = 0.0
         self.constant = False   # the last gated outputs had no spread
@@ -119,12 +120,15 @@ class _Checker:
             return None, 'the pruned model returns a different number ' \
                 'of outputs'
         diff = 0.0
-        for a, b in zip(gated, pruned):
+        scales = self.scales or [0.0] * len(gated)
+        for a, b, ref in zip(gated, pruned, scales):
             if a.shape != b.shape:
                 return None, (f'output shape {tuple(b.shape)} instead of '
                               f'{tuple(a.shape)}')
-            scale = a.abs().max().clamp_min(1e-12)
-            diff = max(diff, float((a - b).abs().max() / scale))
+            # relative to the unpruned model's output: a plan that silences
+            # an output must not turn rounding noise into a difference
+            scale = max(float(a.abs().max()), ref, 1e-12)
+            diff = max(diff, float((a - b).abs().max()) / scale)
         return diff, ''
 
     def fails(self, kept) -> Optional[str]:
@@ -199,13 +203,20 @@ def _informative_copy(model, x, forward):
 
 def verify_comb(model: nn.Module, comb: CombResult, x: torch.Tensor,
                 forward: Optional[Callable] = None, tol: float = 1e-5,
-                seed: int = 0, logger=None) -> Verification:
+                seed: int = 0, logger=None,
+                reference=None) -> Verification:
     """Check ``comb``'s prunable groups on ``model`` and freeze the ones
     that break the equivalence invariant (in place). ``model`` must be in
-    eval mode; it is not modified."""
+    eval mode; it is not modified. ``reference``: the unpruned model's
+    outputs on ``x`` (differences are relative to their magnitude)."""
     start = time.perf_counter()
     report = Verification()
-    checker = _Checker(model, comb, x, forward, tol)
+    if reference is None:
+        with torch.no_grad():
+            reference = _outputs(model, x, forward)
+    scales = [float(t.abs().max()) for t in tree_flatten(reference)[0]
+              if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    checker = _Checker(model, comb, x, forward, tol, scales)
     spent = 0
     for name, kept in zip(('A', 'B'), random_plans(comb, seed)):
         report.plans.append(name)
@@ -219,6 +230,9 @@ def verify_comb(model: nn.Module, comb: CombResult, x: torch.Tensor,
                 if other is not None:
                     spent += checker.checks
                     checker = _Checker(other, comb, x, forward, tol)
+                    with torch.no_grad():
+                        checker.scales = [float(t.abs().max()) for t in
+                                          _outputs(other, x, forward)]
                     reason = checker.fails(checker.restrict(kept, groups))
             if reason is None:
                 break

@@ -170,3 +170,32 @@ def pixel_shuffle_rule(tr, args, kwargs, out):
         return TensorInfo(blocks[:, 0].reshape(shape), info.z)
     # unshuffle: every input channel becomes r*r output channels
     return TensorInfo(np.repeat(line, r * r).reshape(shape), info.z)
+
+
+@rule('im2col')
+def im2col_rule(tr, args, kwargs, out):
+    """nn.Unfold: channel c becomes the k*k consecutive outputs
+    c*k*k .. c*k*k + k*k - 1 (one channel for pruning)."""
+    x = args[0]
+    info = tr.info(x)
+    ch = channel_axis(tr.uf.find(info.ids))
+    if ch is None:
+        return TensorInfo(empty_ids(out.dim()), info.z)
+    k = out.shape[-2] // x.shape[ch]
+    if ch != x.dim() - 3 or info.ids.size != x.shape[ch]:
+        tr.freeze(info.ids, 'im2col with channels off axis -3')
+        return TensorInfo(empty_ids(out.dim()), True)
+    shape = [1] * out.dim()
+    shape[-2] = out.shape[-2]
+    return TensorInfo(np.repeat(info.ids.reshape(-1), k).reshape(shape),
+                      info.z)
+
+
+@rule('cumsum', 'cumprod', 'cummax', 'cummin', 'logcumsumexp')
+def cumulative_rule(tr, args, kwargs, out):
+    """Runs along one axis: fine unless it is a channel axis."""
+    x = args[0]
+    dim = (args[1] if len(args) > 1 else kwargs['dim']) % max(x.dim(), 1)
+    info = _moves_channels(tr, x, [dim], tr.current_op)
+    res = TensorInfo(info.ids, info.z and tr.current_op == 'cumsum')
+    return [res, None] if isinstance(out, (tuple, list)) else res

@@ -2,7 +2,8 @@
 select/slice, split/chunk/unbind, cat/stack)."""
 import numpy as np
 
-from ..space import TensorInfo, canonical, channel_axis, empty_ids
+from ..records import SplitSizes
+from ..space import TensorInfo, along, canonical, channel_axis, empty_ids
 from .table import classes_identical_along, rule
 
 VIEW_OPS = {'view', '_unsafe_view', 'reshape', 'flatten', 'unflatten'}
@@ -158,18 +159,18 @@ def _split_parts(tr, x, sizes, dim, out):
     dim = dim % x.dim()
     ids = info.ids
     ch = channel_axis(tr.uf.find(ids))
-    if ch == dim and ids.shape[dim] > 1:
-        if len(set(sizes)) == 1:
-            # equal chunks stay equal after pruning only if every chunk loses
-            # the same positions: tie position j of every chunk together
-            n = len(sizes)
-            shp = list(ids.shape)
-            shp[dim:dim + 1] = [n, sizes[0]]
-            canonical(ids.reshape(shp), tr.uf)
-        else:
-            tr.freeze(ids, f'split with unequal sizes {list(sizes)} '
-                      'on a channel axis')
-    res, start = [], 0
+    on_channels = ch == dim and ids.shape[dim] > 1
+    if on_channels and len(set(sizes)) == 1 and len(sizes) > 1:
+        # equal chunks (chunk(n), split(x.shape[1] // n)) stay equal after
+        # pruning only if every chunk loses the same positions: tie
+        # position j of every chunk together
+        n = len(sizes)
+        shp = list(ids.shape)
+        shp[dim:dim + 1] = [n, sizes[0]]
+        canonical(ids.reshape(shp), tr.uf)
+    # unequal chunks are pruned independently; surgery updates the module
+    # attributes that hold their sizes (verification freezes the rest)
+    res, start, parts = [], 0, []
     for s, o in zip(sizes, out):
         if ids.shape[dim] > 1:
             part = np.take(ids, range(start, start + s), axis=dim)
@@ -179,6 +180,12 @@ def _split_parts(tr, x, sizes, dim, out):
         src = {n: m[:dim] + (None, ) + m[dim + 1:]
                for n, m in info.src.items()}
         res.append(TensorInfo(part, info.z, src, info.lin))
+        if on_channels:
+            parts.append(along(part, dim, s))
+            tr.record_view(o, part)
+    if on_channels and len(set(sizes)) > 1 and tr.stack:
+        tr.split_sizes.append(SplitSizes(tr.current_module, list(sizes),
+                                         parts))
     return res
 
 
