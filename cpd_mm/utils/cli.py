@@ -107,6 +107,8 @@ def check_hooks(cfg: Config) -> None:
                 raise
             raise CLIError(f'cannot build the runner: custom_hooks.{i}: '
                            f'{type(e).__name__}: {e}') from e
+        except Exception:  # noqa: B902
+            continue  # needs what only the runner has (e.g. a visualizer)
 
 
 def _missing_data_path(dataset: Any, where: str) -> Optional[str]:
