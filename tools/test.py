@@ -6,9 +6,9 @@ Same command line as the upstream ``tools/test.py`` of both projects::
         [--show-dir DIR] [--cfg-options KEY=VALUE ...]
         [--launcher none|pytorch|slurm|mpi]
 
-The checkpoint goes through :func:`cpd_mm.utils.cli.prepare_checkpoint`
-before the weights are loaded (the place where pruned checkpoints get their
-model adapted).
+A missing checkpoint or data root, or a failed model-zoo download, is
+reported before the runner is built; a pruned checkpoint prunes the model
+built from the config to its plan (``CPDRunner``) before the weights load.
 """
 import argparse
 import os.path as osp
@@ -21,9 +21,11 @@ from mmengine.config import DictAction  # noqa: E402
 from mmengine.evaluator import DumpResults  # noqa: E402
 
 import cpd_mm  # noqa: F401,E402  (registers modules, safe checkpoint loading)
+from cpd_mm.prune import CPDRunner  # noqa: E402
 from cpd_mm.utils.cli import (  # noqa: E402
-    CLIError, build_runner, check_file, check_launcher, load_config,
-    merge_cfg_options, prepare_checkpoint, run_cli, set_local_rank)
+    CLIError, build_runner, check_checkpoint, check_data_paths, check_hooks,
+    check_launcher, load_config, merge_cfg_options,
+    refuse_pruned_checkpoint, run_cli, set_local_rank)
 
 
 def parse_args(argv=None):
@@ -85,22 +87,27 @@ def merge_args(cfg, args):
 
 
 def main(argv=None):
+    """Evaluate; return the metrics. User errors raise CLIError."""
     args = parse_args(argv)
     check_launcher(args.launcher)
     if args.out is not None and not args.out.endswith(('.pkl', '.pickle')):
         raise CLIError(f'--out must be a .pkl or .pickle file, got {args.out}')
     cfg = load_config(args.config)
-    if '://' not in args.checkpoint:  # fail before the slow runner build
-        check_file(args.checkpoint, 'checkpoint')
+    check_checkpoint(args.checkpoint)  # fail before the slow runner build
     merge_cfg_options(cfg, args.cfg_options)
     merge_args(cfg, args)
+    check_hooks(cfg)
+    check_data_paths(cfg, ['test_dataloader'])
+    if args.launcher == 'none':
+        check_checkpoint(args.checkpoint, download=True)
     runner = build_runner(cfg)
-    prepare_checkpoint(runner, args.checkpoint)
+    if not isinstance(runner, CPDRunner):
+        refuse_pruned_checkpoint(runner, args.checkpoint)
     try:
         if args.out:
             runner.test_evaluator.metrics.append(
                 DumpResults(out_file_path=args.out))
-        runner.test()
+        return runner.test()
     except FileNotFoundError as e:
         raise CLIError(str(e)) from e
 

@@ -19,9 +19,11 @@ warnings.filterwarnings('ignore', message='pkg_resources is deprecated')
 from mmengine.config import DictAction  # noqa: E402
 
 import cpd_mm  # noqa: F401,E402  (registers modules, safe checkpoint loading)
+from cpd_mm.prune import CPDRunner  # noqa: E402
 from cpd_mm.utils.cli import (  # noqa: E402
-    CLIError, build_runner, check_file, check_launcher, prepare_checkpoint,
-    load_config, merge_cfg_options, run_cli, set_local_rank)
+    CLIError, build_runner, check_checkpoint, check_data_paths, check_file,
+    check_hooks, check_launcher, load_config, merge_cfg_options,
+    refuse_pruned_checkpoint, run_cli, set_local_rank)
 
 
 def parse_args(argv=None):
@@ -86,22 +88,37 @@ def merge_args(cfg, args):
 
 
 def main(argv=None):
+    """Train; return the runner. User errors raise CLIError (one line).
+
+    Missing files (``load_from``, data roots) and failed model-zoo downloads
+    are reported before the runner is built. A pruned ``load_from`` is
+    applied by CPDRunner before the model is wrapped for DDP.
+    """
     args = parse_args(argv)
     check_launcher(args.launcher)
     cfg = load_config(args.config)
     merge_cfg_options(cfg, args.cfg_options)
     merge_args(cfg, args)
+    check_hooks(cfg)
+    checkpoint = cfg.get('load_from')
+    what = 'checkpoint to resume' if cfg.get('resume') else 'load_from'
+    if checkpoint:
+        check_checkpoint(checkpoint, what)
+    check_data_paths(cfg, ['train_dataloader', 'val_dataloader'])
+    if checkpoint and args.launcher == 'none':
+        # distributed runs download on rank 0 inside the runner
+        check_checkpoint(checkpoint, what, download=True)
     runner = build_runner(cfg)
-    if cfg.get('load_from') and not cfg.get('resume'):
-        # a pruned checkpoint prunes the model to its plan before training
-        prepare_checkpoint(runner, cfg.load_from, training=True)
+    if checkpoint and not isinstance(runner, CPDRunner):
+        refuse_pruned_checkpoint(runner, checkpoint)
     try:
         runner.train()
     except FileNotFoundError as e:
-        # Most often the data set is missing; say so without a traceback.
+        # e.g. a file listed in an annotation file is missing
         hint = (' (generate the demo data with python tools/make_demo_data.py)'
-                if 'demo' in str(e) else '')
+                if 'data/demo' in str(e) else '')
         raise CLIError(f'{e}{hint}') from e
+    return runner
 
 
 if __name__ == '__main__':

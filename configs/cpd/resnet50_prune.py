@@ -3,8 +3,11 @@ fine-tuning with KL distillation from the unpruned model.
 
     python tools/train.py configs/cpd/resnet50_prune.py
 
-Start from trained weights: set ``load_from`` to an ImageNet checkpoint of
-``mmpretrain::resnet/resnet50_8xb32_in1k.py`` (MMPretrain's model zoo).
+Starts from the ImageNet weights of MMPretrain's
+``mmpretrain::resnet/resnet50_8xb32_in1k.py``: ``load_from`` is
+its model-zoo URL, which mmengine downloads once into
+``~/.cache/torch/hub/checkpoints/``. Offline, put the file there (the error
+message names the path) or set ``load_from`` to a local copy.
 """
 _base_ = ['mmpretrain::resnet/resnet50_8xb32_in1k.py']
 custom_imports = dict(imports=['cpd_mm'], allow_failed_imports=False)
@@ -15,7 +18,9 @@ distill = 'kl'            # 'kl' or 'none'
 importance = 'hessian'    # 'hessian' (paper), 'taylor', 'l1', 'random'
 round_to = 8              # channel counts in multiples of 8 (1: exact)
 
-load_from = 'checkpoints/resnet50_8xb32_in1k.pth'
+# MMPretrain's model zoo (resnet50_8xb32_in1k in its metafile)
+load_from = ('https://download.openmmlab.com/mmclassification/v0/resnet/'
+             'resnet50_8xb32_in1k_20210831-ea4938fc.pth')
 model = dict(
     _delete_=True,
     type='CPDDistiller',

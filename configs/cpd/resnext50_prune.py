@@ -1,10 +1,13 @@
-"""CPD on ResNeXt-50 32x4d (ImageNet): prune 50% of the parameters during a short
-fine-tuning with KL distillation from the unpruned model.
+"""CPD on ResNeXt-50 32x4d (ImageNet): prune 50% of the parameters during a
+short fine-tuning with KL distillation from the unpruned model.
 
-    python tools/train.py configs/cpd/resnet50_prune.py
+    python tools/train.py configs/cpd/resnext50_prune.py
 
-Start from trained weights: set ``load_from`` to an ImageNet checkpoint of
-``mmpretrain::resnext/resnext50-32x4d_8xb32_in1k.py`` (MMPretrain's model zoo).
+Starts from the ImageNet weights of MMPretrain's
+``mmpretrain::resnext/resnext50-32x4d_8xb32_in1k.py``: ``load_from`` is
+its model-zoo URL, which mmengine downloads once into
+``~/.cache/torch/hub/checkpoints/``. Offline, put the file there (the error
+message names the path) or set ``load_from`` to a local copy.
 """
 _base_ = ['mmpretrain::resnext/resnext50-32x4d_8xb32_in1k.py']
 custom_imports = dict(imports=['cpd_mm'], allow_failed_imports=False)
@@ -15,7 +18,9 @@ distill = 'kl'            # 'kl' or 'none'
 importance = 'hessian'    # 'hessian' (paper), 'taylor', 'l1', 'random'
 round_to = 8              # channel counts in multiples of 8 (1: exact)
 
-load_from = 'checkpoints/resnext50-32x4d_8xb32_in1k.pth'
+# MMPretrain's model zoo (resnext50-32x4d_8xb32_in1k in its metafile)
+load_from = ('https://download.openmmlab.com/mmclassification/v0/resnext/'
+             'resnext50_32x4d_b32x8_imagenet_20210429-56066e27.pth')
 model = dict(
     _delete_=True,
     type='CPDDistiller',

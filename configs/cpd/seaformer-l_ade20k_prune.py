@@ -3,10 +3,15 @@ channel-wise distillation (CWD) from the unpruned model.
 
     python tools/train.py configs/cpd/seaformer-l_ade20k_prune.py
 
-Set ``load_from`` to a trained SeaFormer-L ADE20K checkpoint (converted with
-tools/convert_seaformer.py). key_dim is pruned uniformly over heads together
-with the four axial positional embeddings; the attention scale keeps its
-original value.
+``load_from`` is a local file: MMSegmentation has no SeaFormer, so there is
+no OpenMMLab model-zoo URL. Take the official SeaFormer-L ADE20K checkpoint
+of the authors' release (github.com/fudan-zvg/SeaFormer) and convert it::
+
+    python tools/convert_seaformer.py SEAFORMER_L_ADE20K.pth \
+        checkpoints/seaformer/seaformer-l_ade20k.pth
+
+key_dim is pruned uniformly over heads together with the four axial
+positional embeddings; the attention scale keeps its original value.
 """
 _base_ = ['../seaformer/seaformer-l_8xb4-160k_ade20k-512x512.py']
 
@@ -16,6 +21,7 @@ distill = 'cwd'           # 'cwd' (paper's choice), 'cirkd', 'kl', 'none'
 importance = 'hessian'    # 'hessian' (paper), 'taylor', 'l1', 'random'
 round_to = 8              # channel counts in multiples of 8 (1: exact)
 
+# no model-zoo URL: see the docstring for where this file comes from
 load_from = 'checkpoints/seaformer/seaformer-l_ade20k.pth'
 model = dict(
     _delete_=True,

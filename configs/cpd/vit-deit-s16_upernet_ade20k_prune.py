@@ -18,7 +18,13 @@ distill = 'cwd'           # 'cwd' (paper's choice), 'cirkd', 'kl', 'none'
 importance = 'hessian'    # 'hessian' (paper), 'taylor', 'l1', 'random'
 round_to = 8              # channel counts in multiples of 8 (1: exact)
 
-load_from = 'checkpoints/vit-deit-s16_upernet_8xb2-80k_ade20k-512x512.pth'
+# MMSegmentation's model zoo (vit_deit-s16_upernet_8xb2-80k_ade20k-512x512
+# in its metafile); mmengine downloads it once into
+# ~/.cache/torch/hub/checkpoints/ (offline: put the file there)
+load_from = ('https://download.openmmlab.com/mmsegmentation/v0.5/vit/'
+             'upernet_deit-s16_512x512_80k_ade20k/'
+             'upernet_deit-s16_512x512_80k_ade20k_20210624_095228-afc93ec2'
+             '.pth')
 model = dict(
     _delete_=True,
     type='CPDDistiller',

@@ -5,12 +5,14 @@ from ..comb.surgery import prune_model
 from .cost import CostModel
 from .hook import CPDPruningHook
 from .importance import IMPORTANCE_TYPES, ImportanceAccumulator
+from .loading import CPDRunner, apply_checkpoint_plan, checkpoint_plan
 from .plan import (PLAN_META_KEY, PlanMismatchError, apply_plan, load_plan,
                    make_plan, save_plan)
 from .schedule import select_channels
 
 __all__ = [
-    'ChannelGates', 'CostModel', 'CPDPruningHook', 'IMPORTANCE_TYPES',
+    'ChannelGates', 'CostModel', 'CPDPruningHook', 'CPDRunner',
+    'IMPORTANCE_TYPES', 'apply_checkpoint_plan', 'checkpoint_plan',
     'ImportanceAccumulator', 'PLAN_META_KEY', 'PlanMismatchError',
     'apply_plan', 'load_plan', 'make_plan', 'save_plan', 'select_channels',
     'prune_model'

@@ -1,22 +1,32 @@
-"""Load pruned checkpoints into a runner built from the original config.
+"""Load pruned checkpoints into models built from the original config.
 
 Two kinds of checkpoints carry a plan:
 
-* physically pruned ones (``pruned_final.pth``; the plan is in
+* physically pruned ones (``pruned_final.pth``, and every checkpoint that
+  :class:`CPDRunner` writes while fine-tuning one; the plan is in
   ``meta['cpd_plan']``): the model is pruned to the plan, then the (smaller)
   weights are loaded;
 * ordinary runner checkpoints of a pruning run (full-size, gated weights;
   the plan is in ``checkpoint['cpd_pruning']['plan']``): the weights are
   loaded, then the model is pruned, which gives the same function as the
   gated model.
-"""
-from typing import Optional
 
-from mmengine.model import is_model_wrapper
-from mmengine.runner.checkpoint import _load_checkpoint
+The model must change shape before mmengine wraps it for distributed
+training (``MMDistributedDataParallel`` keeps the parameters it was given),
+so :class:`CPDRunner` does it in ``build_model``, which ``Runner.__init__``
+calls right before ``wrap_model``.
+"""
+from typing import Optional, Tuple
+
+import torch.nn as nn
+from mmengine.registry import RUNNERS
+from mmengine.runner import Runner
+from mmengine.runner.checkpoint import _load_checkpoint, find_latest_checkpoint
 
 from .hook import STATE_KEY
 from .plan import PLAN_META_KEY, PlanMismatchError, apply_plan
+
+__all__ = ['CPDRunner', 'apply_checkpoint_plan', 'checkpoint_plan']
 
 
 def checkpoint_plan(checkpoint: dict):
@@ -44,44 +54,133 @@ def _load_strict(model, state_dict, path):
             f'{result.unexpected_keys[:5]}')
 
 
-def load_into_runner(runner, path: str, checkpoint: Optional[dict] = None,
-                     training: bool = False) -> bool:
-    """Prune ``runner.model`` to the plan of ``path`` and load its weights.
+def apply_checkpoint_plan(model: nn.Module, path: str, checkpoint: dict,
+                          load_weights: bool = True) -> Optional[dict]:
+    """Prune ``model`` to the plan of ``checkpoint`` (and load its weights).
 
-    Returns False (and does nothing) for checkpoints without a plan, so the
-    runner loads them as usual. With a distillation wrapper, evaluation uses
-    the student alone; training (``training=True``) also prunes a 'self'
-    teacher to the plan and gives it the same weights.
+    Args:
+        model: the bare model (not wrapped), a plain one or a
+            :class:`CPDDistiller`, whose student is pruned and loaded; a
+            'self' teacher is pruned too and gets the student's weights.
+        path: the checkpoint's name, for messages.
+        checkpoint: its content.
+        load_weights: False applies only the structure (for a resume, which
+            loads the weights itself); only 'pruned' checkpoints allow it.
+
+    Returns:
+        The plan, or None (and nothing is done) for a checkpoint without.
+
+    Raises:
+        PlanMismatchError: the plan or the weights do not fit the model.
     """
-    if checkpoint is None:
-        checkpoint = _load_checkpoint(path, map_location='cpu')
     plan, kind = checkpoint_plan(checkpoint)
     if plan is None:
-        return False
-    model = runner.model.module if is_model_wrapper(runner.model) \
-        else runner.model
+        return None
     student = getattr(model, 'student', None)
+    target = model if student is None else student
     state = checkpoint.get('state_dict', checkpoint)
     if kind == 'pruned':
-        target = student if student is not None else model
         apply_plan(target, plan)
-        _load_strict(target, _strip(state), path)
+        if load_weights:
+            _load_strict(target, _strip(state), path)
     else:
-        if student is not None:
-            _load_strict(student, _strip(state), path)
-            target = student
-        else:
-            _load_strict(model, state, path)
-            target = model
+        if not load_weights:
+            raise ValueError('a gated checkpoint needs its weights loaded '
+                             'before the plan is applied')
+        _load_strict(target, _strip(state), path)
         apply_plan(target, plan)
-    if student is not None and training and \
-            getattr(model, 'teacher_is_self', False):
+    if student is not None and getattr(model, 'teacher_is_self', False):
         apply_plan(model.teacher, plan)
-        model.sync_teacher()
-    elif student is not None and not is_model_wrapper(runner.model):
-        runner.model = student
-    runner._has_loaded = True
-    runner.logger.info(f'CPD: loaded {kind} checkpoint {path} '
-                       f'({sum(p.numel() for p in target.parameters()) / 1e6:.3f}'
-                       ' M params)')
-    return True
+        if load_weights:
+            model.sync_teacher()
+    return plan
+
+
+@RUNNERS.register_module()
+class CPDRunner(Runner):
+    """mmengine ``Runner`` that loads pruned checkpoints with their plan.
+
+    ``tools/train.py`` and ``tools/test.py`` build it unless the config sets
+    ``runner_type`` (another ``Runner`` subclass is combined with it). With
+    OpenMMLab's own tools, set ``runner_type = 'CPDRunner'`` in the config.
+
+    On top of ``Runner``:
+
+    * ``build_model``: when ``load_from`` holds a plan, the freshly built
+      model is pruned to it and the weights are loaded *before*
+      ``wrap_model`` wraps it in ``MMDistributedDataParallel``; the model's
+      ``init_weights`` is then skipped (the checkpoint has every weight), as
+      is the runner's own ``load_from`` step. A resumed run gets the plan's
+      structure only (``resume`` loads the weights).
+    * ``save_checkpoint``: the applied plan goes into ``meta['cpd_plan']``
+      of every checkpoint, so the fine-tuned checkpoints resume and evaluate
+      with the original config too.
+    * a distillation checkpoint (``student.*`` keys) loads into a plain model
+      config as its student (``student://``).
+
+    Checkpoints without a plan load exactly as with ``Runner``.
+    """
+
+    def _checkpoint_to_adapt(self) -> Tuple[Optional[str], bool]:
+        """The file ``load_or_resume`` will read, and whether it resumes."""
+        if self._resume:
+            return (self._load_from
+                    or find_latest_checkpoint(self.work_dir)), True
+        return self._load_from, False
+
+    def build_model(self, model) -> nn.Module:
+        """Build the model; prune it to ``load_from``'s plan, if it has one."""
+        model = super().build_model(model)
+        self._cpd_plan, self._cpd_loaded = None, False
+        path, resume = self._checkpoint_to_adapt()
+        if not path:
+            return model
+        checkpoint = _load_checkpoint(path, map_location='cpu')
+        if not isinstance(checkpoint, dict):
+            from ..utils.checkpoint import CheckpointLoadError
+            raise CheckpointLoadError(
+                path, f'expected a dict, got {type(checkpoint).__name__}')
+        plan, kind = checkpoint_plan(checkpoint)
+        if plan is None:
+            from ..distill import is_distill_state_dict
+            if not resume and not hasattr(model, 'student') and \
+                    is_distill_state_dict(checkpoint.get('state_dict', {})):
+                self._load_from = 'student://' + path  # its student only
+            return model
+        if resume and kind == 'gated':
+            return model  # the pruning hook restores its masks on resume
+        try:
+            apply_checkpoint_plan(model, path, checkpoint,
+                                  load_weights=not resume)
+        except PlanMismatchError as e:
+            raise PlanMismatchError(f'checkpoint "{path}": {e}') from None
+        self._cpd_plan = plan
+        if not resume:  # load_or_resume has nothing left to load
+            self._cpd_loaded = self._has_loaded = True
+        target = getattr(model, 'student', model)
+        self.logger.info(
+            f'CPD: pruned the model to the plan of {kind} checkpoint {path} '
+            f'({sum(p.numel() for p in target.parameters()) / 1e6:.3f} M '
+            'params) before wrapping it' +
+            ('' if resume else ' and loaded its weights'))
+        return model
+
+    def _init_model_weights(self) -> None:
+        if self._cpd_loaded:  # init_weights would overwrite the checkpoint
+            self.logger.info('CPD: weights come from the pruned checkpoint, '
+                             'init_weights skipped')
+            return
+        super()._init_model_weights()
+
+    def save_checkpoint(self, out_dir, filename, file_client_args=None,
+                        save_optimizer=True, save_param_scheduler=True,
+                        meta=None, by_epoch=True, backend_args=None):
+        """``Runner.save_checkpoint`` with the applied plan in ``meta``."""
+        if self._cpd_plan is not None:
+            meta = dict(meta or {})
+            meta.setdefault(PLAN_META_KEY, self._cpd_plan)
+        return super().save_checkpoint(
+            out_dir, filename, file_client_args=file_client_args,
+            save_optimizer=save_optimizer,
+            save_param_scheduler=save_param_scheduler, meta=meta,
+            by_epoch=by_epoch, backend_args=backend_args)

@@ -22,18 +22,25 @@ without switching ``weights_only`` off:
    methods of ``HistoryBuffer`` and refuses everything else;
 3. mmengine's loader for local paths is replaced by :func:`load_from_local`,
    which turns a missing, truncated, corrupt or unsafe file into a
-   :class:`CheckpointLoadError` that names the file.
+   :class:`CheckpointLoadError` that names the file;
+4. mmengine's loader for ``http(s)://`` (model-zoo URLs) is replaced by
+   :func:`load_from_http`: same cache (torch.hub's ``checkpoints`` folder)
+   and rank-0-first download, but a failed download is one
+   :class:`CheckpointLoadError` that says which file to put where, on every
+   rank (mmengine's would leave the other ranks waiting at a barrier).
 
 Whether ``weights_only`` is on stays torch's decision (its default, or the
 ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` environment variable for a trusted file).
 This module must not import mmpretrain or mmseg: it runs at package import.
 """
+import os
 import os.path as osp
 import pickle
 from typing import Any, Callable, Dict, Optional, Union
 
 import numpy as np
 import torch
+from mmengine.dist import broadcast_object_list, get_dist_info
 from mmengine.logging import HistoryBuffer
 from mmengine.runner.checkpoint import CheckpointLoader
 
@@ -44,6 +51,7 @@ except ImportError:  # pragma: no cover - numpy 1.x
 
 __all__ = [
     'CheckpointLoadError', 'SAFE_GLOBALS', 'load_from_local',
+    'load_from_http', 'download_checkpoint', 'url_cache_path',
     'register_safe_globals'
 ]
 
@@ -60,6 +68,7 @@ class CheckpointLoadError(RuntimeError):
 
     def __init__(self, filename: str, reason: str):
         self.filename = filename
+        self.reason = reason
         super().__init__(f'cannot load checkpoint "{filename}": {reason}')
 
 
@@ -168,8 +177,82 @@ def load_from_local(filename: str,
             filename, 'the file is corrupt or truncated '
             f'({type(e).__name__}: {e})') from e
 
+def url_cache_path(url: str, model_dir: Optional[str] = None) -> str:
+    """Where mmengine (through torch.hub) caches the file of ``url``.
+
+    ``<torch.hub.get_dir()>/checkpoints/<file name of the URL>``; set
+    ``TORCH_HOME`` to move it.
+    """
+    from urllib.parse import urlparse
+    model_dir = model_dir or osp.join(torch.hub.get_dir(), 'checkpoints')
+    return osp.join(model_dir, osp.basename(urlparse(url).path))
+
+
+def download_checkpoint(url: str, model_dir: Optional[str] = None,
+                        progress: bool = True) -> str:
+    """Download ``url`` into mmengine's cache unless it is there; its path.
+
+    Raises:
+        CheckpointLoadError: the download failed; the message says where to
+            put the file (or to set ``load_from`` to a local copy).
+    """
+    path = url_cache_path(url, model_dir)
+    if osp.isfile(path):
+        return path
+    try:
+        os.makedirs(osp.dirname(path), exist_ok=True)
+        torch.hub.download_url_to_file(url, path, progress=progress)
+    except Exception as e:  # noqa: B902  (URLError, HTTPError, timeouts...)
+        reason = ' '.join(f'{type(e).__name__}: {e}'.split())
+        raise CheckpointLoadError(
+            url, f'the download failed ({reason}). Download the file on a '
+            f'machine with internet access and put it at {path} (mmengine '
+            'loads it from there), or set load_from (or the checkpoint '
+            'argument) to a local copy') from e
+    return path
+
+
+def load_from_http(filename: str, map_location=None,
+                   model_dir: Optional[str] = None,
+                   progress: bool = os.isatty(0)) -> Dict:
+    """Drop-in for mmengine's ``load_from_http`` with one-line failures.
+
+    Rank 0 downloads into the cache first, then the other ranks read it
+    (downloading themselves on other machines). A failed download raises
+    the same :class:`CheckpointLoadError` on every rank; a cached file that
+    does not load names the file to delete.
+    """
+    from mmengine.utils.dl_utils import load_url
+    rank, world_size = get_dist_info()
+    reason = None
+    if rank == 0:
+        try:
+            download_checkpoint(filename, model_dir, progress)
+        except CheckpointLoadError as e:
+            reason = e.reason
+    if world_size > 1:  # also the barrier that mmengine's loader has
+        box = [reason]
+        broadcast_object_list(box, src=0)
+        reason = box[0]
+        if reason is None and rank > 0:
+            download_checkpoint(filename, model_dir, progress)
+    if reason is not None:
+        raise CheckpointLoadError(filename, reason)
+    try:
+        return load_url(filename, model_dir=model_dir,
+                        map_location=map_location, progress=progress)
+    except Exception as e:  # noqa: B902
+        path = url_cache_path(filename, model_dir)
+        reason = ' '.join(f'{type(e).__name__}: {e}'.split())
+        raise CheckpointLoadError(
+            filename, f'the cached file {path} does not load ({reason}); '
+            'delete it to download it again') from e
+
+
 register_safe_globals()
 # Replace mmengine's loader for plain paths ('' is the fallback prefix), so
 # Runner.load_checkpoint, resume and load_from all report the file name.
 CheckpointLoader.register_scheme(
     prefixes='', loader=load_from_local, force=True)
+CheckpointLoader.register_scheme(
+    prefixes=('http://', 'https://'), loader=load_from_http, force=True)
