@@ -201,7 +201,8 @@ class ImportanceAccumulator:
         if self.kind == 'random':
             return np.random.default_rng(self.seed + step).random(
                 self.comb.num_channels)
-        return self.scores.detach().cpu().double().numpy()
+        # (a copy: on the CPU .cpu().double() would share the live buffer)
+        return self.scores.detach().cpu().double().numpy().copy()
 
     def reset(self) -> None:
         self.scores.zero_()
