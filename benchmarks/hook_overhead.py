@@ -1,14 +1,22 @@
 """Cost of CPDPruningHook per training iteration, measured in one process.
 
-    python benchmarks/hook_overhead.py [--iters 60] [--json out.json]
+    python benchmarks/hook_overhead.py [--models resnet vit] [--iters 60]
 
-Builds the demo classifier (configs/demo/resnet18_demo-cls.py) and runs the
-same training step (data preprocessing, forward, backward, SGD update) on the
-same fixed batch, alternating blocks without and with the hook's per-
-iteration work: gate multiplications on every gated module output (masks at
-50% sparsity), the gradient hooks that collect the Hessian importance, and
-the hook's ``after_train_iter`` bookkeeping (pruning steps excluded: they
-run once per interval). Reports medians and the relative overhead.
+For each model the same training step (data preprocessing, forward,
+backward, SGD update) runs on the same fixed batch, alternating blocks of
+10 iterations without and with the hook's per-iteration work:
+
+* ``pruning``: while pruning, gates at 50% of every prunable group
+  (output gates, masked norms where channels are removed) and the
+  gradient hooks that accumulate the Hessian importance, folded once per
+  iteration as the hook does (pruning steps excluded: they run once per
+  interval);
+* ``after``: once the target is reached, gates only (the hook removes its
+  score hooks).
+
+Models: ``resnet`` is the demo classifier (configs/demo/resnet18_demo-cls.py,
+32x32, BatchNorm), ``vit`` MMPretrain's DeiT-tiny at 64x64 (LayerNorm,
+attention). Reports medians and relative overheads; the JSON keeps both.
 """
 import argparse
 import json
@@ -18,68 +26,90 @@ import time
 import numpy as np
 import torch
 
+MODELS_ = {
+    'resnet': ('configs/demo/resnet18_demo-cls.py', 32, 64, 6),
+    'vit': ('mmpretrain::deit/deit-tiny_4xb256_in1k.py', 64, 16, 1000),
+}
 
-def main():
-    p = argparse.ArgumentParser()
-    p.add_argument('--iters', type=int, default=60)
-    p.add_argument('--batch', type=int, default=64)
-    p.add_argument('--json', default='benchmarks/hook_overhead.json')
-    args = p.parse_args()
+
+def build(name):
     import cpd_mm  # noqa: F401
     from mmengine.config import Config
     from mmengine.optim import build_optim_wrapper
     from mmengine.registry import MODELS, init_default_scope
-    from cpd_mm.comb import comb_model
-    from cpd_mm.prune import ChannelGates, ImportanceAccumulator
-
-    cfg = Config.fromfile('configs/demo/resnet18_demo-cls.py')
+    path, size, batch, classes = MODELS_[name]
+    cfg = Config.fromfile(path)
     init_default_scope('mmpretrain')
+    if name == 'vit':
+        cfg.model.backbone.img_size = size
+        cfg.model.pop('train_cfg', None)  # no mixup: one fixed batch
     model = MODELS.build(cfg.model)
     model.train()
-    optim = build_optim_wrapper(model, cfg.optim_wrapper)
+    optim = build_optim_wrapper(
+        model, dict(optimizer=dict(type='SGD', lr=0.01, momentum=0.9)))
     from mmpretrain.structures import DataSample
-    x = torch.randint(0, 255, (args.batch, 3, 32, 32)).float()
-    samples = [DataSample().set_gt_label(i % 6) for i in range(args.batch)]
-    data = dict(inputs=list(x), data_samples=samples)
+    x = torch.randint(0, 255, (batch, 3, size, size)).float()
+    samples = [DataSample().set_gt_label(i % classes) for i in range(batch)]
+    return model, optim, dict(inputs=list(x), data_samples=samples), size
 
-    comb = comb_model(model, input_shape=(1, 3, 32, 32))
-    kept = np.ones(comb.num_channels, bool)
+
+def measure(name, iters):
+    from cpd_mm.comb import comb_model
+    from cpd_mm.prune import ChannelGates, ImportanceAccumulator
+    model, optim, data, size = build(name)
+    comb = comb_model(model, input_shape=(1, 3, size, size))
+    n = getattr(comb, 'num_channels', None) or comb.num_classes
+    kept = np.ones(n, bool)
     for g in comb.prunable_groups:
+        chans = getattr(g, 'channels', None)
+        chans = g.classes if chans is None else chans
         free = np.nonzero(~g.frozen)[0]
-        kept[g.channels[free[::2]]] = False
+        kept[chans[free[::2]]] = False
 
-    def step():
-        model.train_step(data, optim)
-
-    def timed(n, with_hook):
+    def block(k, scorer=None):
         ts = []
-        for _ in range(n):
+        for _ in range(k):
             t = time.perf_counter()
-            step()
-            if with_hook:
+            model.train_step(data, optim)
+            if scorer is not None:
                 scorer.step()
             ts.append(time.perf_counter() - t)
         return ts
 
     for _ in range(5):
-        step()  # warm-up
-    plain, hooked = [], []
-    for _ in range(args.iters // 10):
-        plain += timed(10, False)
+        block(1)  # warm-up
+    plain, pruning, after = [], [], []
+    for _ in range(max(iters // 10, 1)):
+        plain += block(10)
         gates = ChannelGates(model, comb)
         gates.set_kept(kept)
         scorer = ImportanceAccumulator(model, comb, 'hessian')
-        hooked += timed(10, True)
-        gates.remove()
+        pruning += block(10, scorer)
         scorer.remove()
-    a, b = statistics.median(plain), statistics.median(hooked)
-    res = dict(model='demo ResNet-18 (32x32, batch %d)' % args.batch,
+        after += block(10)
+        gates.remove()
+    a, b, c = (statistics.median(v) for v in (plain, pruning, after))
+    res = dict(model=f'{name} ({size}x{size}, batch {len(data["inputs"])})',
                threads=torch.get_num_threads(), iters=len(plain),
-               median_s_without=a, median_s_with=b, overhead=b / a - 1)
-    print(f'median iteration: without hook {a * 1e3:.1f} ms, with hook '
-          f'{b * 1e3:.1f} ms, overhead {100 * (b / a - 1):+.1f}%')
-    with open(args.json, 'w') as f:
-        json.dump(res, f, indent=1)
+               median_s_without=a, median_s_pruning=b, median_s_after=c,
+               overhead_pruning=b / a - 1, overhead_after=c / a - 1)
+    print(f'{res["model"]}: median iteration without hook {a * 1e3:.1f} ms,'
+          f' while pruning {b * 1e3:.1f} ms ({100 * (b / a - 1):+.1f}%),'
+          f' after {c * 1e3:.1f} ms ({100 * (c / a - 1):+.1f}%)')
+    return res
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument('--models', nargs='+', default=list(MODELS_),
+                   choices=list(MODELS_))
+    p.add_argument('--iters', type=int, default=60)
+    p.add_argument('--json', default='benchmarks/hook_overhead.json')
+    args = p.parse_args()
+    out = [measure(m, args.iters) for m in args.models]
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(out, f, indent=1)
 
 
 if __name__ == '__main__':
