@@ -202,6 +202,14 @@ def run_model(name, args, tmp):
                 unpruned_drift=base[clock] / table.full_ms - 1, plans=rows)
 
 
+def _scheduler():
+    """'SCHED_FIFO' under ``chrt -f``, 'SCHED_OTHER' normally."""
+    policy = os.sched_getscheduler(0)
+    return next((n for n in ('SCHED_OTHER', 'SCHED_FIFO', 'SCHED_RR',
+                             'SCHED_BATCH', 'SCHED_IDLE')
+                 if getattr(os, n, None) == policy), str(policy))
+
+
 def main(argv=None):
     args = parse_args(argv)
     results = {}
@@ -243,7 +251,8 @@ def main(argv=None):
               f'{r["table"]["build_s"]:.0f} s, cached in '
               f'{r["table"]["cached_build_s"]:.1f} s')
     if args.json:
-        write_json(dict(runs=args.runs, warmup=args.warmup,
+        write_json(dict(command=' '.join(sys.argv), scheduler=_scheduler(),
+                        runs=args.runs, warmup=args.warmup,
                         threads=args.threads, results=results), args.json,
                    force=True)
         print(f'results written to {args.json}')

@@ -14,6 +14,8 @@ pytest.importorskip('onnxruntime')
 
 from cpd_mm.deploy import layer_timing  # noqa: E402
 from cpd_mm.deploy.latency_table import LatencyTable  # noqa: E402
+from cpd_mm.deploy.layer_specs import (discover_layers,  # noqa: E402
+                                       interpolate, sample_widths)
 
 
 class ConvNet(nn.Module):
@@ -179,6 +181,35 @@ def test_restricted_table(cache):
     # the rest of the model is not scaled: 'difference' by default
     saved = t.layer('conv', 16, 32) - t.layer('conv', 4, 8)
     assert t.predict({'conv': (4, 8)}) == pytest.approx(t.full_ms - saved)
+
+
+def test_interpolation_and_sampling():
+    axes, ms = [[8, 16, 32], [8, 64]], [[1.0, 2.0], [2.0, 4.0], [4.0, 8.0]]
+    assert interpolate(axes, ms, (16, 64)) == 4.0  # a sample
+    assert interpolate(axes, ms, (24, 36)) == pytest.approx(4.5)  # bilinear
+    assert interpolate(axes, ms, (4, 8)) == pytest.approx(0.5)  # extended
+    assert interpolate(axes, ms, (0, 8)) == 0.0  # clipped at 0
+    assert sample_widths(64) == [8, 16, 32, 48, 64]
+    assert sample_widths(2048, samples=4) == [512, 1024, 1536, 2048]
+    assert sample_widths(12) == [2, 3, 6, 9, 12]  # too narrow for blocks
+    assert sample_widths(128, unit=32) == [32, 64, 96, 128]  # 32 groups
+
+
+def test_uncovered_modules_are_reported():
+    class WithMHA(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(3, 8)
+            self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
+
+        def forward(self, x):
+            x = self.proj(x)
+            return self.mha(x, x, x)[0]
+
+    m, x = WithMHA().eval(), torch.randn(1, 5, 3)
+    found = discover_layers(m, lambda: m(x), x)
+    assert found['uncovered'] == ['mha'] and list(found['layers']) == ['proj']
+    assert found['layers']['proj'][0]['fixed_in']  # reads the model input
 
 
 def test_bad_input():

@@ -30,6 +30,9 @@ from torch.overrides import TorchFunctionMode
 __all__ = ['discover_layers', 'spec_id', 'spec_axes', 'sample_widths',
            'build_layer', 'interpolate', 'widths_of', 'output_size']
 
+#: modules with channel-dependent latency that the table does not time
+UNCOVERED = (nn.MultiheadAttention, nn.Conv3d, nn.ConvTranspose1d,
+             nn.ConvTranspose2d, nn.ConvTranspose3d)
 #: fractions of the full width sampled per axis, by number of samples
 _FRACTIONS = {1: (1.0, ), 2: (0.25, 1.0), 3: (0.25, 0.5, 1.0),
               4: (0.25, 0.5, 0.75, 1.0), 5: (0.125, 0.25, 0.5, 0.75, 1.0),
@@ -124,8 +127,9 @@ def discover_layers(model: nn.Module, run: Callable[[], torch.Tensor],
         dict: ``layers`` (module name -> list of specs, one per call),
         ``attention`` (key -> spec; the key is the innermost module running
         the call, with ``#i`` for its i-th further call) and ``uncovered``
-        (names of modules of kinds the table does not time, such as
-        ``nn.MultiheadAttention``, whose latency is then taken as fixed).
+        (modules of the kinds in :data:`UNCOVERED`, which the table does
+        not time; attention computed with matmul and softmax instead of
+        ``F.scaled_dot_product_attention`` is not found either).
     """
     stack: List[str] = []
     calls: List[tuple] = []  # (name, spec, output tensor)
@@ -155,7 +159,7 @@ def discover_layers(model: nn.Module, run: Callable[[], torch.Tensor],
         handles.append(m.register_forward_hook(pop))
         if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)):
             handles.append(m.register_forward_hook(record(name)))
-        elif isinstance(m, nn.MultiheadAttention):
+        elif isinstance(m, UNCOVERED):
             uncovered.append(name)
     try:
         with torch.no_grad(), _SDPARecorder(stack, found):
