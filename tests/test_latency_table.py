@@ -212,6 +212,21 @@ def test_uncovered_modules_are_reported():
     assert found['layers']['proj'][0]['fixed_in']  # reads the model input
 
 
+def test_bound_runner_runs_the_graph(tmp_path):
+    # the GPU timing path (IO binding), exercised with CPU memory
+    from cpd_mm.deploy import create_session
+    m, x = nn.Conv2d(3, 8, 3), torch.randn(1, 3, 8, 8)
+    path = layer_timing.export_graph(m, [x], str(tmp_path / 'conv.onnx'))
+    session = create_session(path, ['CPUExecutionProvider'], 1)
+    run = layer_timing.bound_runner(session, {'input0': x.numpy()}, 'cpu')
+    run()
+    out = run.binding.copy_outputs_to_cpu()[0]
+    np.testing.assert_allclose(out, m(x).detach().numpy(), atol=1e-5)
+    wall, cpu = layer_timing.time_sessions([session], [{'input0': x.numpy()}],
+                                           3)[0]
+    assert wall.shape == cpu.shape == (3, ) and (wall > 0).all()
+
+
 def test_bad_input():
     with pytest.raises(ValueError, match='input_shape'):
         LatencyTable.build(ConvNet(), (3, 32), cache_dir=False)

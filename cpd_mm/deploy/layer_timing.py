@@ -31,7 +31,8 @@ not, and what is done about it (CPU provider):
 
 Other providers (CUDA, TensorRT) fuse or launch asynchronously, so their
 per-node profile is not a kernel time: there the wall time of ``run()`` is
-used; its fixed part cancels in the differences the table predicts with.
+used, with inputs and outputs bound in device memory (:func:`bound_runner`).
+That path could not be run where this was written (no GPU).
 """
 import json
 import os
@@ -48,14 +49,15 @@ import torch
 from mmengine.logging import print_log
 from torch import nn
 
-from .benchmark import (_CPU, create_session, require_onnxruntime,
-                        session_options)
+from .benchmark import (_CPU, _CUDA_MEMORY_PROVIDERS, create_session,
+                        require_onnxruntime, session_options)
 from .layer_specs import build_layer, spec_axes, spec_id
 from .onnx_export import DEFAULT_OPSET, ExportError
 from .rewrites import exportable_modules
 
 __all__ = ['export_graph', 'LayerTimer', 'profile_node_times',
-           'time_sessions', 'clock_for', 'measure_table', 'EXCLUDED_OPS']
+           'time_sessions', 'bound_runner', 'clock_for', 'measure_table',
+           'EXCLUDED_OPS']
 
 #: Ops left out of a layer's time: NCHWc layout changes and views.
 EXCLUDED_OPS = ('ReorderInput', 'ReorderOutput', 'Reshape', 'Squeeze',
@@ -129,21 +131,51 @@ def clock_for(provider: str, threads: int) -> str:
     return 'cpu' if provider == _CPU and threads == 1 else 'wall'
 
 
+def bound_runner(session, feed: dict, device: str):
+    """``run()`` of ``session`` with inputs and outputs bound once in
+    ``device`` memory (``'cuda'``, or ``'cpu'``): a GPU timing then holds no
+    host<->device copies. Returns a callable that runs and synchronises."""
+    ort = require_onnxruntime()
+    binding = session.io_binding()
+    values = [ort.OrtValue.ortvalue_from_numpy(
+        np.ascontiguousarray(a), device, 0) for a in feed.values()]
+    for name, value in zip(feed, values):
+        binding.bind_ortvalue_input(name, value)
+    for out in session.get_outputs():
+        binding.bind_output(out.name, device)
+
+    def run():
+        session.run_with_iobinding(binding)
+        binding.synchronize_outputs()
+
+    run.keepalive = values  # the binding points at them
+    run.binding = binding
+    return run
+
+
+def _runner(session, feed):
+    if session.get_providers()[0] in _CUDA_MEMORY_PROVIDERS:
+        return bound_runner(session, feed, 'cuda')
+    return lambda: session.run(None, feed)
+
+
 def time_sessions(sessions: Sequence, feeds: Sequence[dict], runs: int
                   ) -> List[tuple]:
-    """Run each session ``runs`` times, interleaved in alternating order.
+    """Run each session ``runs`` times, interleaved in alternating order
+    (CUDA / TensorRT sessions through :func:`bound_runner`).
 
     Returns:
         list: per session, ``(wall_ms, cpu_ms)`` arrays: wall time and CPU
         time of the calling thread of each run.
     """
+    runners = [_runner(s, f) for s, f in zip(sessions, feeds)]
     walls = [[] for _ in sessions]
     cpus = [[] for _ in sessions]
     order = list(range(len(sessions)))
     for r in range(runs):
         for k in (order if r % 2 == 0 else order[::-1]):
             w0, c0 = time.perf_counter(), time.thread_time()
-            sessions[k].run(None, feeds[k])
+            runners[k]()
             c1, w1 = time.thread_time(), time.perf_counter()
             walls[k].append((w1 - w0) * 1e3)
             cpus[k].append((c1 - c0) * 1e3)
