@@ -3,6 +3,7 @@
 Small nets at small inputs keep the measurements to a few seconds.
 """
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -143,6 +144,14 @@ def test_second_build_is_a_cache_hit(conv_table, cache, monkeypatch):
                                samples=3)
     assert calls == []
     assert again.data == conv_table.data
+    # a damaged cache file is measured again, with a logged reason
+    path = os.path.join(cache, f'ConvNet-{conv_table.data["key"]}.json')
+    with open(path, 'w') as f:
+        f.write('{"format": "cpd_mm.latency_table/v1", "specs"')
+    LatencyTable.build(ConvNet().eval(), CONV_SHAPE, cache_dir=cache,
+                       samples=3)
+    assert calls
+    calls.clear()
     # another input size is another table: measured
     LatencyTable.build(ConvNet().eval(), (1, 3, 16, 16), cache_dir=cache,
                        samples=2)

@@ -246,9 +246,16 @@ class LatencyTable:
             path = osp.join(cache_dir or default_cache_dir(),
                             f'{type(model).__name__}-{key}.json')
             if osp.isfile(path) and not rebuild:
-                print_log(f'latency table: loaded {path}',
-                          logger=logger or 'current')
-                return cls.load(path)
+                try:
+                    table = cls.load(path)
+                except (OSError, ValueError, KeyError, TypeError) as exc:
+                    print_log(f'latency table: ignoring unreadable {path} '
+                              f'({type(exc).__name__}: {exc}); measuring',
+                              logger=logger, level=30)
+                else:
+                    print_log(f'latency table: loaded {path}',
+                              logger=logger or 'current')
+                    return table
         timer = LayerTimer(chosen, threads)
         try:
             data = measure_table(fwd, example, found, timer, samples,

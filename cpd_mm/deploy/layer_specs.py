@@ -200,7 +200,12 @@ def sample_widths(full: int, unit: int = 1, samples: int = 5,
 
 def spec_axes(spec: dict, samples: int = 5, block: int = 8
               ) -> List[List[int]]:
-    """Sampled widths per axis of a spec (the measurement grid)."""
+    """Sampled widths per axis of a spec (the measurement grid).
+
+    Conv / linear: ``samples`` per axis (an axis that reads the model input
+    or makes its output has only its full width); depthwise conv: one axis;
+    attention: up to 3 head counts and 4 per-head widths for qk and v.
+    """
     kind = spec['kind']
     if kind == 'dwconv':
         return [sample_widths(spec['c'], 1, samples, block)]
