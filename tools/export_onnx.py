@@ -38,7 +38,7 @@ from cpd_mm.deploy import (DEFAULT_ATOL, DEFAULT_OPSET, DEFAULT_RTOL,
                            check_output_path, comparison, comparison_table,
                            create_session, default_input_shape,
                            default_output_path, export_onnx, input_channels,
-                           latency_table, model_complexity, model_task,
+                           latency_summary, model_complexity, model_task,
                            select_providers, verify_onnx, write_json)
 from cpd_mm.deploy.benchmark import require_onnxruntime
 from cpd_mm.deploy.complexity import format_count
@@ -177,7 +177,7 @@ def _benchmark(paths, labels, args, shape, channels):
         (args.batch, channels, *shape)).astype(np.float32)
     results = benchmark_sessions(sessions, x, args.runs, args.warmup)
     if len(results) == 1:
-        print(latency_table(results[0]))
+        print(latency_summary(results[0]))
     return results
 
 

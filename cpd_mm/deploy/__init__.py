@@ -1,4 +1,5 @@
-"""Deployment: ONNX export of (pruned) models, verification, timing.
+"""Deployment: ONNX export of (pruned) models, verification, timing, and
+the measured per-layer latency table (:mod:`.latency_table`).
 
 ``tools/export_onnx.py`` is the command-line front end. onnx and onnxruntime
 are imported only when a function needs them.
@@ -8,7 +9,9 @@ from .benchmark import (benchmark_session, benchmark_sessions, create_session,
                         latency_stats, select_providers)
 from .complexity import count_flops, inference_params, model_complexity
 from .onnx_export import DEFAULT_OPSET, default_output_path, export_onnx
-from .report import comparison, comparison_table, latency_table, write_json
+from .latency_table import LatencyTable
+from .report import (comparison, comparison_table, latency_summary,
+                     write_json)
 from .verify import (DEFAULT_ATOL, DEFAULT_RTOL, VerificationError,
                      verify_onnx)
 from .wrappers import (CLASSIFICATION, SEGMENTATION, default_input_shape,
@@ -20,7 +23,8 @@ __all__ = [
     'create_session', 'latency_stats', 'select_providers', 'count_flops',
     'inference_params', 'model_complexity', 'DEFAULT_OPSET',
     'default_output_path', 'export_onnx', 'comparison', 'comparison_table',
-    'latency_table', 'write_json', 'DEFAULT_ATOL', 'DEFAULT_RTOL',
+    'latency_summary', 'LatencyTable', 'write_json', 'DEFAULT_ATOL',
+    'DEFAULT_RTOL',
     'VerificationError', 'verify_onnx', 'CLASSIFICATION', 'SEGMENTATION',
     'default_input_shape', 'export_module', 'input_channels', 'model_task'
 ]

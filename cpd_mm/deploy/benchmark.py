@@ -5,7 +5,8 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 __all__ = ['require_onnxruntime', 'select_providers', 'create_session',
-           'benchmark_session', 'benchmark_sessions', 'latency_stats']
+           'session_options', 'benchmark_session', 'benchmark_sessions',
+           'latency_stats']
 
 _CUDA = 'CUDAExecutionProvider'
 _CPU = 'CPUExecutionProvider'
@@ -63,6 +64,14 @@ def create_session(onnx_path: str,
     to CPU when a requested provider fails to initialise.
     """
     ort = require_onnxruntime()
+    return ort.InferenceSession(
+        onnx_path, sess_options=session_options(threads),
+        providers=select_providers(providers))
+
+
+def session_options(threads: int = 0):
+    """The ``onnxruntime.SessionOptions`` of :func:`create_session`."""
+    ort = require_onnxruntime()
     if threads < 0:
         raise ValueError(f'`threads` must be >= 0, but got {threads}')
     options = ort.SessionOptions()
@@ -72,9 +81,7 @@ def create_session(onnx_path: str,
     # One request at a time: inter-op parallelism only adds scheduling noise.
     options.inter_op_num_threads = 1
     options.log_severity_level = 3  # errors only
-    return ort.InferenceSession(
-        onnx_path, sess_options=options,
-        providers=select_providers(providers))
+    return options
 
 
 def latency_stats(times_s: Sequence[float], batch: int) -> dict:

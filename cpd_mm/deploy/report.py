@@ -6,7 +6,8 @@ from typing import List, Optional, Sequence
 from .atomic import atomic_output
 from .complexity import format_count
 
-__all__ = ['format_table', 'latency_table', 'comparison', 'comparison_table',
+__all__ = ['format_table', 'latency_summary', 'comparison',
+           'comparison_table',
            'write_json', 'JSON_SCHEMA_VERSION']
 
 #: Bumped when a key of the JSON report changes meaning or disappears.
@@ -30,7 +31,7 @@ def format_table(header: Sequence[str], rows: List[Sequence[str]]) -> str:
     return '\n'.join([line(cells[0]), rule] + [line(r) for r in cells[1:]])
 
 
-def latency_table(stats: dict) -> str:
+def latency_summary(stats: dict) -> str:
     """One model's benchmark as a two-column table."""
     rows = [(name, f'{stats[key]:.3f} ms') for name, key in _LATENCY_ROWS]
     rows.append(('throughput', f'{stats["throughput"]:.1f} img/s'))
