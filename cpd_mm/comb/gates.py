@@ -12,7 +12,6 @@ Gates live outside the model's module tree, so its ``state_dict`` is
 unchanged; the mask is plain data that the pruning hook checkpoints. Index
 tensors live on the model's device; a mask change costs one copy to it.
 """
-import math
 import types
 from collections import defaultdict
 from typing import Dict, List
@@ -25,50 +24,45 @@ from torch.overrides import TorchFunctionMode
 
 from .groups import CombResult
 from .handlers import handler_for
+from .space import along, channel_axis
 
 _LAYER_NORMS = (F.layer_norm, torch.layer_norm)
 _GROUP_NORMS = (F.group_norm, torch.group_norm)
 
 
-def masked_layer_norm(x, normalized_shape, weight, bias, eps, g, axis):
-    """Layer norm whose statistics count channels with ``g == 1`` only;
-    ``axis`` (negative) is the channel axis, one of the normalised ones."""
+def masked_layer_norm(x, normalized_shape, weight, bias, eps, pos, axis):
+    """Layer norm over the active channels only: the native op runs on the
+    channels at positions ``pos`` of ``axis`` (negative, one of the
+    normalised axes); removed channels come out as zeros."""
     k = len(normalized_shape)
-    dims = tuple(range(-k, 0))
-    shape = [1] * x.dim()
-    shape[axis] = -1
-    gv = g.view(shape)
-    per = math.prod(normalized_shape) // normalized_shape[axis + k]
-    n = gv.sum().clamp_min(1) * per
-    mean = (x * gv).sum(dims, keepdim=True) / n
-    xc = (x - mean) * gv
-    var = (xc * xc).sum(dims, keepdim=True) / n
-    y = xc * torch.rsqrt(var + eps)
-    if weight is not None:
-        y = y * weight
-    if bias is not None:
-        y = y + bias
-    return y * gv
+    shape = list(normalized_shape)
+    shape[axis + k] = len(pos)
+    sub = lambda t: None if t is None else t.index_select(axis + k, pos)
+    y = F.layer_norm(x.index_select(axis, pos), shape, sub(weight),
+                     sub(bias), eps)
+    return x.new_zeros(x.shape).index_copy(axis % x.dim(), pos, y)
 
 
-def masked_group_norm(x, num_groups, weight, bias, eps, g):
-    """Group norm (channels on axis 1) over active channels only."""
-    N, C = x.shape[:2]
-    G = num_groups
-    xs = x.reshape(N, G, C // G, *x.shape[2:])
-    gx = g.view(1, G, C // G, *([1] * (x.dim() - 2)))
-    dims = tuple(range(2, xs.dim()))
-    n = gx.sum(2, keepdim=True).clamp_min(1) * math.prod(x.shape[2:])
-    mean = (xs * gx).sum(dims, keepdim=True) / n
-    xc = (xs - mean) * gx
-    var = (xc * xc).sum(dims, keepdim=True) / n
-    y = (xc * torch.rsqrt(var + eps)).reshape(x.shape)
-    view = (1, -1) + (1, ) * (x.dim() - 2)
-    if weight is not None:
-        y = y * weight.view(view)
-    if bias is not None:
-        y = y + bias.view(view)
-    return y * g.view(view)
+def masked_group_norm(x, num_groups, weight, bias, eps, pos):
+    """Group norm (channels on axis 1) over the active channels only; every
+    group keeps the same number of them (comb ties their positions)."""
+    sub = lambda t: None if t is None else t.index_select(0, pos)
+    y = F.group_norm(x.index_select(1, pos), num_groups, sub(weight),
+                     sub(bias), eps)
+    return x.new_zeros(x.shape).index_copy(1, pos, y)
+
+
+class _NormSite:
+    """One norm op in the gated model: its channels along ``axis`` and,
+    for the current mask, the positions of the active ones."""
+    __slots__ = ('channels', 'axis', 'pos')
+
+    def __init__(self, channels, axis):
+        self.channels, self.axis, self.pos = channels, axis, None
+
+    def update(self, kept_full, device):
+        active = kept_full[np.where(self.channels >= 0, self.channels, -1)]
+        self.pos = torch.as_tensor(np.nonzero(active)[0], device=device)
 
 
 def _arg(args, kwargs, i, name, default=None):
@@ -77,11 +71,11 @@ def _arg(args, kwargs, i, name, default=None):
 
 class _MaskedNorms(TorchFunctionMode):
     """Replaces the norm calls of one module call by masked versions;
-    ``sites[i]`` is ``(idx, axis)`` for the i-th norm call, or None."""
+    ``sites[i]`` is the :class:`_NormSite` of the i-th norm call, or None."""
 
-    def __init__(self, gates, sites):
+    def __init__(self, sites):
         super().__init__()
-        self.gates, self.sites, self.i = gates, sites, 0
+        self.sites, self.i = sites, 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -92,18 +86,18 @@ class _MaskedNorms(TorchFunctionMode):
         self.i += 1
         if site is None:
             return func(*args, **kwargs)
-        idx, axis = site
         x = args[0]
-        g = self.gates.mask_for(idx, x)
+        pos = site.pos if site.pos.device == x.device else \
+            site.pos.to(x.device)
         if layer:
             return masked_layer_norm(
                 x, tuple(_arg(args, kwargs, 1, 'normalized_shape')),
                 _arg(args, kwargs, 2, 'weight'), _arg(args, kwargs, 3, 'bias'),
-                _arg(args, kwargs, 4, 'eps', 1e-5), g, axis)
+                _arg(args, kwargs, 4, 'eps', 1e-5), pos, site.axis)
         return masked_group_norm(
             x, _arg(args, kwargs, 1, 'num_groups'),
             _arg(args, kwargs, 2, 'weight'), _arg(args, kwargs, 3, 'bias'),
-            _arg(args, kwargs, 4, 'eps', 1e-5), g)
+            _arg(args, kwargs, 4, 'eps', 1e-5), pos)
 
 
 class ChannelGates:
@@ -125,12 +119,21 @@ class ChannelGates:
         self.modules = dict(model.named_modules())
         self._calls = defaultdict(int)
         self._handles = []
-        # output gates: module -> per call (index tensor, channel ids)
+        # forwards that gate inside a module: masked parameters, masked
+        # norms, handlers (installed only while their channels are masked)
+        self._patches = {}  # name -> (channel set, forward factory)
+        # output gates: a module whose gate parameters (weight rows and bias
+        # of a conv or linear, norm affine) scale each output channel is
+        # gated by masking those (cost: its parameters); others by
+        # multiplying their outputs (cost: the activations)
         per_call: Dict[str, Dict[int, np.ndarray]] = defaultdict(dict)
         for s in comb.sites:
             per_call[s.module][s.call] = s.ids
         self._sites, self._site_channels, self._cache = {}, {}, {}
+        self._param_gates = []  # (module name, [(param, axis)], index)
         for name, calls in per_call.items():
+            if self._add_param_patch(name, calls):
+                continue
             ids = [calls.get(i) for i in range(max(calls) + 1)]
             self._sites[name] = [None if a is None else self._index(a)
                                  for a in ids]
@@ -140,8 +143,7 @@ class ChannelGates:
                 self._site_hook(name)))
         self._handles.append(model.register_forward_pre_hook(
             lambda *a: self._calls.clear()))
-        # forwards that gate inside a module: masked norms, handlers
-        self._patches = {}  # name -> (channel set, forward factory)
+        self._norm_sites: List[_NormSite] = []
         norms = defaultdict(lambda: defaultdict(dict))
         for s in comb.norm_sites:
             norms[s.module][s.call][s.index] = (s.atoms, s.axis)
@@ -197,6 +199,11 @@ class ChannelGates:
                              f'({self.comb.num_channels},)')
         self.mask[:-1].copy_(torch.from_numpy(kept.astype(np.float32)))
         removed = ~kept
+        full = np.append(kept, True)  # index -1: atoms without a channel
+        for site in self._norm_sites:
+            site.update(full, self.device)
+        for gate, idx in self._param_gates:
+            gate[0] = self.mask[idx]
         # gates whose channels are all kept cost nothing
         self._active = {
             name: [c is not None and bool(removed[c].any()) for c in chans]
@@ -235,24 +242,84 @@ class ChannelGates:
             return out * self.mask_for(idx, out)
         return hook
 
+    def _add_param_patch(self, name, calls) -> bool:
+        """Gate ``name``'s output channels through its gate parameters;
+        False if it has none that cover them."""
+        m = self.modules[name]
+        h, rec = handler_for(m), self.comb.records.get(name)
+        lines = []
+        for ids in calls.values():
+            ch = channel_axis(ids)
+            if ch is None:
+                return False
+            lines.append(along(ids, ch, ids.shape[ch]))
+        if h is None or rec is None or any(
+                not np.array_equal(a, lines[0]) for a in lines[1:]):
+            return False
+        params = [(pn, ax) for pn, ax in h.site_parameters(m, rec)
+                  if isinstance(getattr(m, pn, None), nn.Parameter)]
+        if not params or any(getattr(m, pn).shape[ax] != len(lines[0])
+                             for pn, ax in params):
+            return False
+        idx = self._index(lines[0])
+        gate = [None]  # this module's mask entries, set by set_kept
+        self._param_gates.append((gate, idx))
+
+        def make():
+            def forward(self_, *args, **kwargs):
+                saved = {}
+                for pn, ax in params:
+                    p = self_._parameters[pn]
+                    shape = [1] * p.dim()
+                    shape[ax] = -1
+                    saved[pn] = p
+                    self_._parameters[pn] = p * gate[0].view(shape).to(p)
+                try:
+                    return type(self_).forward(self_, *args, **kwargs)
+                finally:
+                    self_._parameters.update(saved)
+            return forward
+        self._patches[name] = (self._channel_set(lines[0]), make)
+        return True
+
     def _add_norm_patch(self, name, calls):
         n = max(calls) + 1
         sites = []
         for c in range(n):
             ops = calls.get(c, {})
             sites.append([None if i not in ops else
-                          (self._index(ops[i][0]), ops[i][1])
+                          _NormSite(self.comb.channels(ops[i][0]), ops[i][1])
                           for i in range(max(ops) + 1 if ops else 0)])
+        self._norm_sites += [s for call in sites for s in call if s]
         chans = np.unique(np.concatenate(
             [self._channel_set(a) for ops in calls.values()
              for a, _ in ops.values()]))
         gates, key = self, name + '#norm'
+        m = self.modules[name]
+        plain = type(m).forward in (nn.LayerNorm.forward,
+                                    nn.GroupNorm.forward)
 
         def make():
+            if plain:  # the library's own forward: call the masked op
+                layer = isinstance(m, nn.LayerNorm)
+
+                def forward(self_, x):
+                    i = gates._calls[key] % n
+                    gates._calls[key] += 1
+                    site = sites[i][0]
+                    if layer:
+                        return masked_layer_norm(
+                            x, self_.normalized_shape, self_.weight,
+                            self_.bias, self_.eps, site.pos, site.axis)
+                    return masked_group_norm(x, self_.num_groups,
+                                             self_.weight, self_.bias,
+                                             self_.eps, site.pos)
+                return forward
+
             def forward(self_, *args, **kwargs):
                 i = gates._calls[key] % n
                 gates._calls[key] += 1
-                with _MaskedNorms(gates, sites[i]):
+                with _MaskedNorms(sites[i]):
                     return type(self_).forward(self_, *args, **kwargs)
             return forward
         if name in self._patches:  # never both: handlers hide norm ops
