@@ -123,3 +123,22 @@ def test_amp_scores_are_unscaled_through_the_runner(tmp_path, monkeypatch):
     assert a.max() > 0
     # without unscaling b would be 2^32 times a
     np.testing.assert_allclose(b, a, rtol=0.05, atol=1e-6 * a.max())
+
+
+def test_latency_target_with_a_measured_table(tmp_path, monkeypatch):
+    """target='latency': the hook measures a latency table (onnxruntime,
+    cached per model and machine), prunes until the predicted latency is
+    (1 - target_sparsity) of the original, and logs it."""
+    monkeypatch.setenv('CPD_MM_CACHE', str(tmp_path / 'cache'))
+    runner = make_runner(str(tmp_path / 'run'), 10, target='latency',
+                         target_sparsity=0.3, round_to=8)
+    runner.train()
+    hook = [h for h in runner.hooks if isinstance(h, CPDPruningHook)][0]
+    table = hook.cost.table
+    assert table is not None and table.full_ms > 0
+    predicted = hook.cost.latency(hook.kept)
+    assert predicted <= 0.7 * hook.cost.total_latency * 1.001
+    assert hook.sparsity() >= 0.3 - 1e-3
+    assert runner.message_hub.get_scalar('train/cpd_latency_ms').current() \
+        == pytest.approx(predicted)
+    assert list((tmp_path / 'cache' / 'latency').glob('*.json'))

@@ -164,7 +164,12 @@ def test_plan_mismatch_is_refused(tmp_path):
     (dict(interval=0), 'interval'),
     (dict(begin_iter=-1), 'begin_iter'),
     (dict(begin_iter=10, end_iter=5), 'end_iter'),
-    (dict(target='latency'), 'target'),
+    (dict(target='energy'), 'target'),
+    (dict(ranking='best'), 'ranking'),
+    (dict(max_removal=0), 'max_removal'),
+    (dict(max_removal=1.5), 'max_removal'),
+    (dict(latency_shape=(224, 224)), 'latency_shape'),
+    (dict(save_at=(0.7, )), 'save_at'),
     (dict(input_shape=(3, 8)), 'input_shape'),
     (dict(round_to=0), 'round_to'),
 ])

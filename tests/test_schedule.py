@@ -70,3 +70,78 @@ def test_lowest_scores_go_first(resnet18):
     removed = np.nonzero(~kept)[0]
     assert set(removed) <= set(g.channels[3:])
     assert len(removed) == 8
+
+
+def _shares(comb, kept):
+    return {g.name: kept[g.channels].mean() for g in comb.prunable_groups}
+
+
+def test_equal_scores_spread_over_groups(resnet18):
+    """Tied scores (random initialisation: l1 of a conv before BatchNorm is
+    |gamma|+|beta| = 1 for every channel) must not strip whole stages."""
+    comb, cost = resnet18
+    full = np.ones(comb.num_channels, dtype=bool)
+    for scores in (np.zeros(comb.num_channels), np.ones(comb.num_channels)):
+        kept = select_channels(scores, full, comb, cost,
+                               0.5 * cost.total_params, 'params', round_to=8)
+        assert cost.params(kept) <= 0.5 * cost.total_params
+        shares = _shares(comb, kept)
+        assert min(shares.values()) >= 0.2, shares  # the floor
+        if not scores.any():  # pure ties: an even spread
+            assert max(shares.values()) - min(shares.values()) < 0.35
+
+
+def test_floor_is_configurable_and_respected(resnet18):
+    comb, cost = resnet18
+    full = np.ones(comb.num_channels, dtype=bool)
+    scores = np.random.default_rng(0).random(comb.num_channels)
+    g = comb.prunable_groups[3]
+    scores[g.channels] = 0  # the least useful group by far
+    for max_removal, floor in ((0.5, 0.5), (0.9, 0.1)):
+        kept = select_channels(scores, full, comb, cost,
+                               0.4 * cost.total_params, 'params',
+                               max_removal=max_removal)
+        assert kept[g.channels].sum() >= np.ceil(floor * g.size)
+        assert all(s >= floor - 1e-9 for s in _shares(comb, kept).values())
+    # the floor stops the selection before the budget if it must
+    kept = select_channels(scores, full, comb, cost, 0.05 * cost.total_params,
+                           'params', max_removal=0.5)
+    assert cost.params(kept) > 0.05 * cost.total_params
+
+
+def test_cost_aware_ranking_follows_the_metric(resnet18):
+    """With equal importance, a FLOPs budget takes channels where a channel
+    costs the most FLOPs (high resolution, early), a parameter budget where
+    it holds the most parameters (late)."""
+    comb, cost = resnet18
+    full = np.ones(comb.num_channels, dtype=bool)
+    scores = np.ones(comb.num_channels)
+
+    def costliest(metric):  # the group whose channels save the most
+        save = cost.marginal(full, metric)
+        return max(comb.prunable_groups,
+                   key=lambda g: save[g.channels].mean())
+    hot_flops, hot_params = costliest('flops'), costliest('params')
+    assert hot_flops.name == 'conv1'            # full resolution
+    assert hot_params.name == 'layer4.0.conv2'  # the widest stage
+    by = {}
+    for metric in ('flops', 'params'):
+        kept = select_channels(scores, full, comb, cost,
+                               0.7 * cost.total(metric), metric)
+        assert cost.evaluate(kept, metric) <= 0.7 * cost.total(metric)
+        by[metric] = (kept[hot_flops.channels].mean(),
+                      kept[hot_params.channels].mean())
+    assert by['flops'][0] < by['params'][0]   # cut for FLOPs, not params
+    assert by['params'][1] < by['flops'][1]   # cut for params, not FLOPs
+    # the paper's ranking ignores cost: the same plan for both metrics' order
+    a = select_channels(scores, full, comb, cost, 0.7 * cost.total_params,
+                        'params', ranking='score')
+    assert cost.params(a) <= 0.7 * cost.total_params
+
+
+def test_ranking_is_validated(resnet18):
+    comb, cost = resnet18
+    full = np.ones(comb.num_channels, dtype=bool)
+    with pytest.raises(ValueError, match='ranking'):
+        select_channels(np.zeros(comb.num_channels), full, comb, cost, 0,
+                        ranking='best')

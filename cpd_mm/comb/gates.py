@@ -12,6 +12,7 @@ Gates live outside the model's module tree, so its ``state_dict`` is
 unchanged; the mask is plain data that the pruning hook checkpoints. Index
 tensors live on the model's device; a mask change costs one copy to it.
 """
+import contextlib
 import types
 from collections import defaultdict
 from typing import Dict, List
@@ -339,6 +340,18 @@ class ChannelGates:
             del m.forward  # back to the class's forward
         else:
             m.forward = old
+
+    @contextlib.contextmanager
+    def detached(self):
+        """The model without gates for a while (e.g. to copy it), then the
+        same gates and mask again."""
+        kept = self.kept
+        self.remove()
+        try:
+            yield self.model
+        finally:
+            self.__init__(self.model, self.comb)
+            self.set_kept(kept)
 
     def remove(self) -> None:
         for h in self._handles:

@@ -83,6 +83,7 @@ class CombResult:
         self.sites = tracer.sites
         self.norm_sites = tracer.norm_sites
         self.attention_scales = tracer.attention_scales
+        self.attention_cores = tracer.attention_cores
         self.views = tracer.views
         self.split_sizes = tracer.split_sizes
         self.unhandled_ops = dict(tracer.unhandled_ops)

@@ -74,6 +74,17 @@ class AttentionScale:
 
 
 @dataclass
+class AttentionCore:
+    """One ``scaled_dot_product_attention`` call inside ``module`` (its
+    ``call``-th): per-head q/k and v channels (one head's atoms each)."""
+    module: str
+    call: int
+    heads: int
+    qk: np.ndarray
+    v: np.ndarray
+
+
+@dataclass
 class ViewSize:
     """A reshape inside ``module`` whose target size on the channel axis
     is ``size``; module attributes equal to it may be shape arguments."""

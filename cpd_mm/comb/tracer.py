@@ -57,6 +57,7 @@ class CombTracer(TorchDispatchMode):
         self.passengers: List[Passenger] = []
         self.frozen: List[Frozen] = []
         self.attention_scales = []
+        self.attention_cores = []
         self.views: List[ViewSize] = []
         self.split_sizes: List[SplitSizes] = []
         self.sites: List[GateSite] = []

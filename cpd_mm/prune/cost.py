@@ -1,11 +1,14 @@
-"""Parameters and FLOPs of the *deployed* structure for a keep-mask.
+"""Parameters, FLOPs and latency of the *deployed* structure for a
+keep-mask.
 
 Sparsity is counted on the model after surgery: when a channel goes, its
 producer rows, its consumers' input columns, norms and passengers go too.
 Every handler states its module's cost as products of channel counts
 (:class:`~cpd_mm.comb.handlers.CostTerm`); passengers add one term each.
 Evaluating these terms is exact for the handled layers and takes
-microseconds, which the greedy selection needs.
+microseconds, which the greedy selection needs. Latency comes from a
+:class:`~cpd_mm.deploy.LatencyTable` measured on the deployment runtime:
+each timed layer at the widths the keep-mask leaves it.
 """
 from typing import List, Tuple
 
@@ -15,7 +18,7 @@ import torch.nn as nn
 from ..comb.groups import CombResult
 from ..comb.handlers import CostTerm, handler_for
 
-METRICS = ('params', 'flops')
+METRICS = ('params', 'flops', 'latency')
 
 
 class _Factor:
@@ -33,14 +36,20 @@ class _Factor:
 
 
 class CostModel:
-    """``params(kept)`` and ``flops(kept)`` for bool masks over channels.
+    """``params(kept)``, ``flops(kept)`` and ``latency(kept)`` for bool
+    masks over channels.
 
     FLOPs are multiply-accumulates of convs, linears and attention products
-    at the traced input size (only ratios are used).
+    at the traced input size (only ratios are used). Latency (ms) needs a
+    ``latency_table`` of the same model.
     """
 
-    def __init__(self, model: nn.Module, comb: CombResult):
+    def __init__(self, model: nn.Module, comb: CombResult,
+                 latency_table=None):
         self.comb = comb
+        self.table = latency_table
+        self._timed = self._timed_layers(comb, latency_table) \
+            if latency_table is not None else []
         modules = dict(model.named_modules())
         terms: List[CostTerm] = []
         for name, rec in comb.records.items():
@@ -61,6 +70,82 @@ class CostModel:
         total = sum(p.numel() for p in model.parameters())
         self.fixed = total - self._evaluate(full)[0]
         self.total_params, self.total_flops = self.measure(full)
+        self.total_latency = self.latency(full) if self._timed else None
+
+    # ------------------------------------------------------------ latency
+    @staticmethod
+    def _timed_layers(comb, table):
+        """(table key, kind, factors) of every timed layer that comb knows:
+        'layer' (cin, cout), 'depthwise' (c), 'attention' (qk, v, heads)."""
+        out = []
+        for name in table.layers:
+            rec = comb.records.get(name)
+            if rec is None:
+                continue
+            if getattr(rec, 'depthwise', False):
+                out.append((name, 'depthwise', [_Factor(comb, rec.inputs)]))
+            elif getattr(rec, 'inputs', None) is not None and \
+                    getattr(rec, 'outputs', None) is not None:
+                out.append((name, 'layer', [_Factor(comb, rec.inputs),
+                                             _Factor(comb, rec.outputs)]))
+        for core in comb.attention_cores:
+            key = core.module + (f'#{core.call}' if core.call else '')
+            if key in table.attention_keys:
+                out.append((key, 'attention', [_Factor(comb, core.qk),
+                                               _Factor(comb, core.v)],
+                            core.heads))
+        return out
+
+    def _widths(self, kept):
+        w = {}
+        for item in self._timed:
+            key, kind, factors = item[:3]
+            c = [f.count(kept) for f in factors]
+            w[key] = (item[3], *c) if kind == 'attention' else tuple(c)
+        return w
+
+    def latency(self, kept: np.ndarray) -> float:
+        """Predicted ms of the deployed model (the latency table's)."""
+        if self.table is None:
+            raise ValueError('latency needs a CostModel built with a '
+                             'latency_table')
+        return self.table.predict(self._widths(kept))
+
+    def _latency_marginal(self, kept):
+        """Per channel: ms saved by one fewer channel in every timed layer
+        that reads or writes it (finite differences of the table)."""
+        save = np.zeros(self.comb.num_channels)
+        scale = self.table.scale if self.table.data.get('complete') else 1.0
+        w = self._widths(kept)
+        for item in self._timed:
+            key, kind, factors = item[:3]
+            t = self._time(key, kind, w[key])
+            for j, f in enumerate(factors):
+                lower = list(w[key])
+                lower[j + (kind == 'attention')] -= 1
+                if lower[j + (kind == 'attention')] < 1:
+                    continue
+                d = t - self._time(key, kind, tuple(lower))
+                np.add.at(save, f.chans, max(d, 0.0) * scale)
+        return save
+
+    def _time(self, key, kind, widths):
+        if kind == 'attention':
+            return self.table.attention(key, *widths)
+        return self.table.layer(key, *widths)
+
+    def evaluate(self, kept: np.ndarray, metric: str) -> float:
+        """The deployed model's ``metric`` for ``kept``."""
+        if metric == 'latency':
+            return self.latency(kept)
+        if metric not in METRICS:
+            raise ValueError(f'metric must be one of {METRICS}, got '
+                             f'{metric!r}')
+        return self.measure(kept)[metric == 'flops']
+
+    def total(self, metric: str) -> float:
+        return {'params': self.total_params, 'flops': self.total_flops,
+                'latency': self.total_latency}[metric]
 
     def _evaluate(self, kept):
         out = {'params': 0.0, 'flops': 0.0}
@@ -87,6 +172,8 @@ class CostModel:
         product term), per channel."""
         if metric not in METRICS:
             raise ValueError(f'metric must be one of {METRICS}, got {metric!r}')
+        if metric == 'latency':
+            return self._latency_marginal(kept)
         save = np.zeros(self.comb.num_channels)
         for m, coef, factors in self.terms:
             if m != metric:

@@ -1,5 +1,4 @@
 """CPDPruningHook: Hessian-importance channel pruning inside runner training."""
-import copy
 import os.path as osp
 from typing import Optional, Sequence
 
@@ -11,15 +10,25 @@ from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 
-from ..comb import ChannelGates, comb_model, prune_model
-from .cost import CostModel
+from ..comb import ChannelGates, comb_model
+from .cost import METRICS, CostModel
 from .importance import (IMPORTANCE_TYPES, ImportanceAccumulator,
                          normalise_by_memory)
-from .plan import PLAN_META_KEY, make_plan
+from .plan import make_plan
 from .report import save_kept_chart, summary_table
-from .schedule import select_channels, sparsity_at
+from .schedule import RANKINGS, select_channels, sparsity_at
+from .snapshot import save_pruned
 
 STATE_KEY = 'cpd_pruning'
+
+
+def _number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check(ok, name, expected, value):
+    if not ok:
+        raise ValueError(f'`{name}` must be {expected}, but got {value!r}')
 
 
 def inverse_loss_scale(optim_wrapper):
@@ -38,24 +47,34 @@ def inverse_loss_scale(optim_wrapper):
 class CPDPruningHook(Hook):
     """Prune channels during training with the CPD method.
 
-    Combs the model before training, scores channels every iteration from the
-    gradients of the loss the runner backpropagates (task + distillation),
-    and every ``interval`` iterations masks the lowest-scoring channels until
-    the target sparsity; at the end it writes a physically pruned checkpoint.
+    Combs the model before training (with self-verification), scores
+    channels every iteration from the gradients of the loss the runner
+    backpropagates (task + distillation), and every ``interval`` iterations
+    masks the channels with the least importance per unit of cost until the
+    target; at the end it writes a physically pruned checkpoint.
 
     Args:
-        target_sparsity (float): fraction of the model's parameters (or FLOPs
-            with ``target='flops'``) to remove, counted on the deployed
-            structure, in (0, 1). Default: 0.5.
-        target (str): 'params' or 'flops'. Default: 'params'.
+        target_sparsity (float): fraction of the model's parameters (FLOPs,
+            latency with ``target='flops'`` / ``'latency'``) to remove,
+            counted on the deployed structure, in (0, 1). Default: 0.5.
+        target (str): 'params', 'flops' or 'latency' (predicted by a
+            latency table measured on the deployment runtime before
+            training, see ``latency_shape``). Default: 'params'.
         interval (int): iterations between pruning steps. Default: 10.
         begin_iter (int): iteration of the first pruning step. Default: 0.
         end_iter (int, optional): iteration by which the target is reached
             (linear ramp). Default: ``begin_iter + 10 * interval``.
         importance (str): 'hessian' (the paper's), 'taylor', 'l1' or
             'random'. Default: 'hessian'.
-        memory_norm (bool): divide scores by the activation memory of the
-            channel's group. Default: True.
+        ranking (str): 'cost': remove what has the least importance per
+            unit of the target it saves (marginal costs, re-measured as
+            widths shrink); 'score': the lowest scores first (the paper's
+            selection, with memory-normalised scores). Default: 'cost'.
+        memory_norm (bool, optional): divide scores by the activation memory
+            of the channel's group (the paper's proxy for cost). Default:
+            None, i.e. True with ``ranking='score'``, False with 'cost'.
+        max_removal (float): the largest share of a group's channels that
+            may go, in (0, 1]; every group keeps the rest. Default: 0.8.
         exclude (Sequence[str]): conv/linear module names (of the student)
             whose output channels are never pruned. The model's outputs
             (classifier / decode layer) are always kept. Default: ().
@@ -72,6 +91,12 @@ class CPDPruningHook(Hook):
         save_at (Sequence[float]): also write ``pruned_sparsity_XX.pth`` when
             these sparsities are reached. Default: ().
         seed (int): seed of the 'random' importance. Default: 0.
+        latency_shape (Sequence[int], optional): input shape the latency
+            table is measured at (the deployment size). Default:
+            ``input_shape``.
+        latency_providers (Sequence[str], optional): onnxruntime providers;
+            default: CUDA/TensorRT when available, else CPU.
+        latency_threads (int): onnxruntime threads for the table. Default: 1.
 
     Note:
         Masks, accumulated scores and the step count are saved in every
@@ -86,49 +111,54 @@ class CPDPruningHook(Hook):
     def __init__(self, target_sparsity: float = 0.5, target: str = 'params',
                  interval: int = 10, begin_iter: int = 0,
                  end_iter: Optional[int] = None, importance: str = 'hessian',
-                 memory_norm: bool = True, exclude: Sequence[str] = (),
+                 ranking: str = 'cost', memory_norm: Optional[bool] = None,
+                 max_removal: float = 0.8, exclude: Sequence[str] = (),
                  input_shape: Sequence[int] = (1, 3, 224, 224),
                  min_channels: int = 1, round_to: int = 1,
                  save_pruned: bool = True, save_at: Sequence[float] = (),
-                 seed: int = 0):
-        if not isinstance(target_sparsity, (int, float)) or \
-                not 0 < target_sparsity < 1:
-            raise ValueError('`target_sparsity` must be in (0, 1), but got '
-                             f'{target_sparsity!r}')
-        if target not in ('params', 'flops'):
-            raise ValueError(f"`target` must be 'params' or 'flops', but got "
-                             f'{target!r}')
-        if not isinstance(interval, int) or interval < 1:
-            raise ValueError(f'`interval` must be an int >= 1, but got '
-                             f'{interval!r}')
-        if not isinstance(begin_iter, int) or begin_iter < 0:
-            raise ValueError(f'`begin_iter` must be >= 0, but got '
-                             f'{begin_iter!r}')
-        end_iter = begin_iter + 10 * interval if end_iter is None else end_iter
-        if not isinstance(end_iter, int) or end_iter < begin_iter:
-            raise ValueError(f'`end_iter` must be >= begin_iter '
-                             f'({begin_iter}), but got {end_iter!r}')
-        if importance not in IMPORTANCE_TYPES:
-            raise ValueError(f'`importance` must be one of {IMPORTANCE_TYPES}'
-                             f', but got {importance!r}')
-        if len(input_shape) < 3 or any(int(s) < 1 for s in input_shape):
-            raise ValueError(f'`input_shape` must be like (1, 3, H, W), but '
-                             f'got {input_shape!r}')
-        if not isinstance(min_channels, int) or min_channels < 1:
-            raise ValueError(f'`min_channels` must be >= 1, but got '
-                             f'{min_channels!r}')
-        if not isinstance(round_to, int) or round_to < 1:
-            raise ValueError(f'`round_to` must be an int >= 1, but got '
-                             f'{round_to!r}')
-        for s in save_at:
-            if not 0 < s <= target_sparsity:
-                raise ValueError(f'`save_at` entries must be in (0, '
-                                 f'target_sparsity], but got {s!r}')
+                 seed: int = 0,
+                 latency_shape: Optional[Sequence[int]] = None,
+                 latency_providers: Optional[Sequence[str]] = None,
+                 latency_threads: int = 1):
+        end_iter = begin_iter + 10 * interval if end_iter is None \
+            and isinstance(interval, int) and isinstance(begin_iter, int) \
+            else end_iter
+        _check(_number(target_sparsity) and 0 < target_sparsity < 1,
+               'target_sparsity', 'in (0, 1)', target_sparsity)
+        _check(target in METRICS, 'target', f'one of {METRICS}', target)
+        _check(ranking in RANKINGS, 'ranking', f'one of {RANKINGS}', ranking)
+        _check(_number(max_removal) and 0 < max_removal <= 1, 'max_removal',
+               'in (0, 1]', max_removal)
+        _check(isinstance(interval, int) and interval >= 1, 'interval',
+               'an int >= 1', interval)
+        _check(isinstance(begin_iter, int) and begin_iter >= 0, 'begin_iter',
+               '>= 0', begin_iter)
+        _check(isinstance(end_iter, int) and end_iter >= begin_iter,
+               'end_iter', f'>= begin_iter ({begin_iter})', end_iter)
+        _check(importance in IMPORTANCE_TYPES, 'importance',
+               f'one of {IMPORTANCE_TYPES}', importance)
+        for name, shape in (('input_shape', input_shape),
+                            ('latency_shape', latency_shape or input_shape)):
+            _check(len(shape) >= 3 and all(int(v) >= 1 for v in shape), name,
+                   'like (1, 3, H, W)', shape)
+        for name, v in (('min_channels', min_channels),
+                        ('round_to', round_to),
+                        ('latency_threads', latency_threads)):
+            _check(isinstance(v, int) and v >= 1, name, 'an int >= 1', v)
+        for v in save_at:
+            _check(_number(v) and 0 < v <= target_sparsity, 'save_at',
+                   'entries in (0, target_sparsity]', v)
         self.target_sparsity = float(target_sparsity)
         self.target = target
         self.interval, self.begin_iter, self.end_iter = \
             interval, begin_iter, end_iter
-        self.importance, self.memory_norm = importance, memory_norm
+        self.importance, self.ranking = importance, ranking
+        self.memory_norm = (ranking == 'score') if memory_norm is None \
+            else bool(memory_norm)
+        self.max_removal = float(max_removal)
+        self.latency_shape = list(latency_shape or input_shape)
+        self.latency_providers = latency_providers
+        self.latency_threads = latency_threads
         self.exclude = list(exclude)
         self.input_shape = [int(s) for s in input_shape]
         self.min_channels, self.round_to = min_channels, round_to
@@ -167,7 +197,9 @@ class CPDPruningHook(Hook):
                                exclude=self.exclude, verify=state is None,
                                logger=log.info)
         self._sync_verification(state)
-        self.cost = CostModel(student, self.comb)
+        table = self._latency_table(student, log) \
+            if self.target == 'latency' else None
+        self.cost = CostModel(student, self.comb, table)
         self.gates = ChannelGates(student, self.comb)
         self.scorer = ImportanceAccumulator(student, self.comb,
                                             self.importance, self.seed)
@@ -202,6 +234,31 @@ class CPDPruningHook(Hook):
                 'frozen, see the reasons above); run tools/check_pruning.py '
                 'on this config')
 
+    def _latency_table(self, student, log):
+        """Rank 0 measures (or loads from its cache) the latency table of
+        the bare student, before gates change its graph; every rank gets
+        rank 0's."""
+        from ..deploy.latency_table import LatencyTable
+        data = [None]
+        if is_main_process():
+            table = LatencyTable.build(
+                student, self.latency_shape,
+                providers=self.latency_providers,
+                threads=self.latency_threads, logger=log)
+            data = [table.data]
+            if self.round_to % max(table.channel_block, 1):
+                log.warning(
+                    f'CPD: round_to={self.round_to} is not a multiple of '
+                    f'{table.channel_block}, the channel block of '
+                    f'{table.provider} on this CPU: widths off that block '
+                    'run slower than the latency table predicts')
+        if is_distributed():
+            broadcast_object_list(data, src=0)
+        table = LatencyTable(data[0])
+        log.info(f'CPD: latency table: {table.full_ms:.2f} ms measured on '
+                 f'{table.provider} at {self.latency_shape}')
+        return table
+
     def _sync_verification(self, state):
         """Every rank freezes the same groups: rank 0's verification (or the
         resumed run's) is the one that counts."""
@@ -221,13 +278,13 @@ class CPDPruningHook(Hook):
         self.kept = kept
         self.gates.set_kept(kept)
         self._params, self._flops = self.cost.measure(kept)
+        self._value = self.cost.evaluate(kept, self.target)
         self._active = int(kept.sum())
 
     def sparsity(self) -> float:
-        """Current sparsity of the deployed structure (params or FLOPs)."""
-        if self.target == 'params':
-            return 1.0 - self._params / self.cost.total_params
-        return 1.0 - self._flops / self.cost.total_flops
+        """Current sparsity of the deployed structure in the target's
+        metric (params, FLOPs or predicted latency)."""
+        return 1.0 - self._value / self.cost.total(self.target)
 
     @property
     def finished(self) -> bool:
@@ -258,6 +315,8 @@ class CPDPruningHook(Hook):
         hub.update_scalar('train/cpd_params_M', self._params / 1e6)
         hub.update_scalar('train/cpd_flops_ratio',
                           self._flops / self.cost.total_flops)
+        if self.target == 'latency':
+            hub.update_scalar('train/cpd_latency_ms', self._value)
         hub.update_scalar('train/cpd_active_channels', self._active)
 
     def _prune_step(self, runner, cur):
@@ -284,12 +343,12 @@ class CPDPruningHook(Hook):
                 'outputs do not require grad (frozen parameters, e.g. '
                 'frozen_stages), so no gate gradient exists: '
                 + ', '.join(names[:8]) + (' ...' if len(names) > 8 else ''))
-        total = (self.cost.total_params if self.target == 'params'
-                 else self.cost.total_flops)
-        self._set_kept(select_channels(scores, self.kept, self.comb,
-                                       self.cost, (1 - goal) * total,
-                                       self.target, self.min_channels,
-                                       self.round_to, protected=unscored))
+        total = self.cost.total(self.target)
+        self._set_kept(select_channels(
+            scores, self.kept, self.comb, self.cost, (1 - goal) * total,
+            self.target, self.min_channels, self.round_to,
+            protected=unscored, max_removal=self.max_removal,
+            ranking=self.ranking))
         self.scorer.reset()
         self.steps += 1
         runner.logger.info(
@@ -323,26 +382,9 @@ class CPDPruningHook(Hook):
 
     def save_pruned_checkpoint(self, runner, filename: str) -> str:
         """Write the physically pruned student with its plan in meta."""
-        from mmengine.runner.checkpoint import save_checkpoint, weights_to_cpu
-        student = self._student(runner)
-        plan = make_plan(self.comb, self.kept, student)
-        self.gates.remove()
-        try:
-            small = prune_model(copy.deepcopy(student), self.comb, self.kept)
-        finally:
-            self.gates = ChannelGates(student, self.comb)
-            self.gates.set_kept(self.kept)
-        path = osp.join(runner.work_dir, filename)
-        if is_main_process():
-            meta = {PLAN_META_KEY: plan, 'iter': runner.iter,
-                    'sparsity': self.sparsity(),
-                    'params': int(sum(p.numel() for p in small.parameters())),
-                    'cfg': runner.cfg.pretty_text}
-            save_checkpoint({'state_dict': weights_to_cpu(small.state_dict()),
-                             'meta': meta}, path)
-            runner.logger.info(f'CPD: pruned checkpoint saved to {path} '
-                               f'({meta["params"] / 1e6:.3f} M params)')
-        return path
+        return save_pruned(runner, self._student(runner), self.comb,
+                           self.gates, self.kept, filename,
+                           dict(sparsity=self.sparsity(), target=self.target))
 
     # ------------------------------------------------------ checkpoints
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:

@@ -3,8 +3,8 @@ contracted channels (q.k^T couples q and k; attn.v carries v), and fused
 scaled-dot-product attention."""
 import numpy as np
 
-from ..records import AttentionScale
-from ..space import TensorInfo, canonical, channel_axis, collapse, empty_ids
+from ..records import AttentionCore, AttentionScale
+from ..space import TensorInfo, along, channel_axis, collapse, empty_ids
 from .table import aligned, is_tensor, rule
 
 
@@ -65,6 +65,12 @@ def sdpa_rule(tr, args, kwargs, out):
         # the original scale into q's producer when head_dim shrinks
         tr.attention_scales.append(AttentionScale(
             tr.current_module, iq.lin, iq.ids, q.shape[-1]))
+    if q.dim() >= 3:  # (..., heads, tokens, head_dim): for the cost models
+        mod = tr.current_module
+        calls = sum(1 for c in tr.attention_cores if c.module == mod)
+        tr.attention_cores.append(AttentionCore(
+            mod, calls, int(q.shape[-3]), along(iq.ids, -1, q.shape[-1]),
+            along(iv.ids, -1, v.shape[-1])))
     ids = iv.ids[..., :1, :] if iv.ids.shape[-2] > 1 else iv.ids
     info = TensorInfo(collapse(np.ascontiguousarray(ids)), iv.z)
     if isinstance(out, (tuple, list)):
