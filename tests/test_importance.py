@@ -194,3 +194,38 @@ def test_frozen_parameters_are_not_scored():
     grp = comb.group('c1')
     assert scorer.unscored[grp.channels].all()
     assert not scorer.unscored[comb.group('c3').channels].any()
+
+
+def test_hessian_fd_matches_the_exact_hessian_vector_product():
+    """probe(): (Hv)^2 by a finite difference of explicit gate gradients
+    equals (Hv)^2 by double backward, for the same v."""
+    from cpd_mm.comb import ChannelGates
+    torch.manual_seed(0)
+    model = ConvBN().eval()  # eval: the loss is a smooth function of m
+    comb = comb_model(model, input_shape=(2, 3, 4, 4))
+    gates = ChannelGates(model, comb)
+    x, t = torch.randn(4, 3, 4, 4), torch.randint(0, 5, (4, ))
+
+    def loss_fn():
+        return F.cross_entropy(model(x), t)
+    scorer = ImportanceAccumulator(model, comb, 'hessian_fd', seed=3)
+    scorer.probe(gates, loss_fn, eps=1e-3)
+    assert scorer.iters == 1
+    # the same v, by the same generator
+    gen = torch.Generator().manual_seed(3 * 1000003)
+    v = torch.randn(comb.num_channels + 1, generator=gen)
+    v[-1] = 0
+    m = torch.ones(comb.num_channels + 1, dtype=torch.float64,
+                   requires_grad=True)
+    model.double()
+    x64 = x.double()
+    with gates.probing(m):
+        loss = F.cross_entropy(model(x64), t)
+    g, = torch.autograd.grad(loss, m, create_graph=True)
+    hv, = torch.autograd.grad(g, m, grad_outputs=v.double())
+    want = hv[:-1].detach().numpy() ** 2
+    got = scorer.current()
+    prunable = np.concatenate([grp.channels for grp in comb.prunable_groups])
+    assert want[prunable].max() > 0
+    np.testing.assert_allclose(got[prunable], want[prunable], rtol=0.05,
+                               atol=1e-3 * want[prunable].max())

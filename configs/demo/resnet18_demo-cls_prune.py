@@ -13,7 +13,7 @@ _base_ = ['./resnet18_demo-cls.py']
 # ----------------------------------------------------------------- CPD ---
 target_sparsity = 0.5     # fraction of parameters removed: edit this line
 distill = 'kl'            # 'kl' or 'none' (classifiers)
-importance = 'hessian'    # 'hessian' (paper), 'taylor', 'l1', 'random'
+importance = 'hessian'    # 'hessian' (paper), 'hessian_fd', 'taylor', 'l1', 'random'
 round_to = 8              # channel counts in multiples of 8 (1: exact)
 
 # the unpruned baseline is the starting point and the teacher

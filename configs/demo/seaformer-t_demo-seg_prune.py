@@ -9,7 +9,7 @@ _base_ = ['./seaformer-t_demo-seg.py']
 # ----------------------------------------------------------------- CPD ---
 target_sparsity = 0.4     # fraction of parameters removed: edit this line
 distill = 'cwd'           # 'cwd' (paper's choice), 'cirkd', 'kl', 'none'
-importance = 'hessian'    # 'hessian' (paper), 'taylor', 'l1', 'random'
+importance = 'hessian'    # 'hessian' (paper), 'hessian_fd', 'taylor', 'l1', 'random'
 round_to = 1              # 8: channel counts in multiples of 8
 
 load_from = 'work_dirs/seaformer-t_demo-seg/epoch_15.pth'

@@ -145,6 +145,7 @@ class ChannelGates:
         self._handles.append(model.register_forward_pre_hook(
             lambda *a: self._calls.clear()))
         self._norm_sites: List[_NormSite] = []
+        self._norm_patch_names = set()
         norms = defaultdict(lambda: defaultdict(dict))
         for s in comb.norm_sites:
             norms[s.module][s.call][s.index] = (s.atoms, s.axis)
@@ -326,6 +327,7 @@ class ChannelGates:
         if name in self._patches:  # never both: handlers hide norm ops
             raise RuntimeError(f'{name} has two gating forwards')
         self._patches[name] = (chans, make)
+        self._norm_patch_names.add(name)
 
     def _install(self, name, forward):
         m = self.modules[name]
@@ -340,6 +342,35 @@ class ChannelGates:
             del m.forward  # back to the class's forward
         else:
             m.forward = old
+
+    @contextlib.contextmanager
+    def probing(self, values: torch.Tensor):
+        """Every gate multiplies by ``values`` (entries per channel, plus a
+        trailing 1) for a while, masked or not, e.g. a leaf tensor that
+        requires grad: explicit gate gradients. Norm statistics keep the
+        current mask."""
+        saved_mask, saved_active = self.mask, self._active
+        saved_gates = [gate[0] for gate, _ in self._param_gates]
+        added = [n for n in self._patches if n not in self._installed and
+                 not self._is_norm_patch(n)]
+        self.mask = values
+        self._active = {n: [c is not None for c in chans]
+                        for n, chans in self._site_channels.items()}
+        for gate, idx in self._param_gates:
+            gate[0] = values[idx]
+        for name in added:
+            self._install(name, self._patches[name][1]())
+        try:
+            yield
+        finally:
+            for name in added:
+                self._uninstall(name)
+            self.mask, self._active = saved_mask, saved_active
+            for (gate, _), g in zip(self._param_gates, saved_gates):
+                gate[0] = g
+
+    def _is_norm_patch(self, name):
+        return name in self._norm_patch_names
 
     @contextlib.contextmanager
     def detached(self):

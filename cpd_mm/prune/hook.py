@@ -64,7 +64,9 @@ class CPDPruningHook(Hook):
         begin_iter (int): iteration of the first pruning step. Default: 0.
         end_iter (int, optional): iteration by which the target is reached
             (linear ramp). Default: ``begin_iter + 10 * interval``.
-        importance (str): 'hessian' (the paper's), 'taylor', 'l1' or
+        importance (str): 'hessian' (the paper's practical score),
+            'hessian_fd' (the paper's finite-difference variant: two more
+            forward/backward passes per iteration), 'taylor', 'l1' or
             'random'. Default: 'hessian'.
         ranking (str): 'cost': remove what has the least importance per
             unit of the target it saves (marginal costs, re-measured as
@@ -205,7 +207,7 @@ class CPDPruningHook(Hook):
                                             self.importance, self.seed)
         self.kept = np.ones(self.comb.num_channels, dtype=bool)
         self.saved, self._warned_unscored = [], False
-        self._inv_scale = None
+        self._inv_scale, self._scoring = None, True
         if state is not None:
             self._restore(state)
         self._set_kept(self.kept)
@@ -294,19 +296,37 @@ class CPDPruningHook(Hook):
 
     # ---------------------------------------------------------- training
     def before_train_iter(self, runner, batch_idx, data_batch=None) -> None:
-        if self.comb is not None and self.scorer.active:
-            self._inv_scale = inverse_loss_scale(runner.optim_wrapper)
+        if self.comb is None or not self._scoring:
+            return
+        self._inv_scale = inverse_loss_scale(runner.optim_wrapper)
+        if self.importance == 'hessian_fd':
+            self.scorer.probe(self.gates, self._loss_fn(runner, data_batch))
+
+    @staticmethod
+    def _loss_fn(runner, data_batch):
+        """The training loss of ``data_batch`` (task + distillation), as
+        the train step computes it, without DDP's hooks or an update."""
+        model = runner.model.module if is_model_wrapper(runner.model) \
+            else runner.model
+
+        def loss():
+            with runner.optim_wrapper.optim_context(model):
+                data = model.data_preprocessor(data_batch, True)
+                losses = model._run_forward(data, mode='loss')
+            return model.parse_losses(losses)[0]
+        return loss
 
     def after_train_iter(self, runner, batch_idx, data_batch=None,
                          outputs=None) -> None:
-        if self.scorer.active or self.importance in ('l1', 'random'):
+        if self._scoring:
             self.scorer.step(self._inv_scale)
         cur = self._last_iter = runner.iter + 1
         if cur >= self.begin_iter and (cur - self.begin_iter) % \
                 self.interval == 0 and self.sparsity() < \
                 self.target_sparsity - 1e-9:
             self._prune_step(runner, cur)
-        if self.scorer.active and self.finished:
+        if self._scoring and self.finished:
+            self._scoring = False
             self.scorer.remove()  # no scoring cost for the rest of the run
             runner.logger.info(f'CPD: target reached at iter {cur}; '
                                'importance hooks removed')
@@ -324,7 +344,8 @@ class CPDPruningHook(Hook):
                            self.target_sparsity)
         if goal <= self.sparsity():
             return
-        if is_distributed() and self.importance in ('hessian', 'taylor'):
+        if is_distributed() and self.importance in ('hessian', 'hessian_fd',
+                                                    'taylor'):
             all_reduce(self.scorer.scores, op='sum')
         scores = self.scorer.current(self.steps)
         if self.memory_norm:

@@ -16,6 +16,12 @@ Scores (per channel, accumulated over a pruning interval, on the device):
   - ``hessian``: (∂L/∂m_c)², the squared-gradient estimate of the Hessian
     diagonal restricted to the gates (the paper's practical score);
   - ``taylor``: |∂L/∂m_c| (first-order Taylor);
+  - ``hessian_fd``: (H v)_c², the Hessian restricted to the gates times a
+    random v ~ N(0, I), by a finite difference of explicit gate gradients,
+    ``(∇_m L(m + εv) - ∇_m L(m)) / ε``: E_v[(Hv)_c²] is the squared norm of
+    row c of the Hessian (the paper's exact variant). Each scoring step
+    (:meth:`ImportanceAccumulator.probe`, once per iteration) costs two
+    forward/backward passes more on the same batch;
   - ``l1``: Σ|θ| of the gate parameters (magnitude);
   - ``random``: uniform random.
 Each backward contributes once (hooks see one backward's gradient, also
@@ -35,7 +41,7 @@ from ..comb.groups import CombResult
 from ..comb.handlers import handler_for
 from ..comb.space import along, channel_axis
 
-IMPORTANCE_TYPES = ('hessian', 'taylor', 'l1', 'random')
+IMPORTANCE_TYPES = ('hessian', 'hessian_fd', 'taylor', 'l1', 'random')
 
 
 def _site_lines(comb: CombResult):
@@ -112,6 +118,7 @@ class ImportanceAccumulator:
         self.iters_t = torch.zeros((), device=dev, dtype=torch.int64)
         self.unscored = np.zeros(n, dtype=bool)
         self._handles = []
+        self._probes = 0
         if kind not in ('hessian', 'taylor'):
             return
         for _, p, axis, chans in self.params:
@@ -160,6 +167,39 @@ class ImportanceAccumulator:
             out.register_hook(grad_fn)
         return fn
 
+    def probe(self, gates, loss_fn, eps: float = 1e-2) -> None:
+        """``hessian_fd``: fold in one finite-difference Hessian-vector
+        product at the current weights. ``loss_fn()`` returns the training
+        loss of the current batch (its random ops are replayed alike in
+        both passes); the model's buffers (BatchNorm statistics) are left
+        as they were."""
+        model = gates.model
+        buffers = [(b, b.detach().clone()) for b in model.buffers()]
+        m = gates.mask.detach()
+        # v and the replayed randomness depend on the seed and the probe
+        # count only: every rank and a resumed run draw the same
+        gen = torch.Generator().manual_seed(self.seed * 1000003 +
+                                            self._probes)
+        self._probes += 1
+        v = torch.randn(m.numel(), generator=gen).to(m)
+        v[-1] = 0
+        grads = []
+        seed = int(torch.randint(0, 2 ** 31 - 1, (1, ), generator=gen))
+        for point in (m, m * (1 + eps * v)):
+            leaf = point.detach().requires_grad_()
+            devices = [m.device] if m.device.type == 'cuda' else []
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(seed)
+                with gates.probing(leaf):
+                    loss = loss_fn()
+            grads.append(torch.autograd.grad(loss, leaf)[0][:-1])
+            for b, saved in buffers:
+                b.copy_(saved)
+        hv = (grads[1] - grads[0]).to(self.scores.dtype) / eps
+        ok = torch.isfinite(hv).all()
+        self.scores += torch.where(ok, hv * hv, torch.zeros_like(hv))
+        self.iters_t += ok.to(torch.int64)
+
     def step(self, inv_scale: Optional[torch.Tensor] = None) -> None:
         """Close one backward: fold its gate gradient in (device only).
 
@@ -167,6 +207,8 @@ class ImportanceAccumulator:
             inv_scale: 1 / loss scale of that backward (AMP), a tensor or
                 a float.
         """
+        if self.kind == 'hessian_fd':  # scored by probe()
+            return
         if self.kind not in ('hessian', 'taylor'):
             self.iters_t += 1
             return
@@ -220,11 +262,13 @@ class ImportanceAccumulator:
 
     def state_dict(self) -> dict:
         return dict(scores=self.current().tolist() if self.kind in (
-            'hessian', 'taylor') else [], iters=self.iters,
+            'hessian', 'hessian_fd', 'taylor') else [], iters=self.iters,
+            probes=self._probes,
             unscored=[int(i) for i in np.nonzero(self.unscored)[0]])
 
     def load_state_dict(self, state: dict) -> None:
-        if self.kind in ('hessian', 'taylor'):
+        self._probes = int(state.get('probes', 0))
+        if self.kind in ('hessian', 'hessian_fd', 'taylor'):
             s = np.asarray(state['scores'], dtype=np.float64)
             if s.shape != tuple(self.scores.shape):
                 raise ValueError('checkpointed importance scores do not '
