@@ -11,8 +11,9 @@ from .onnx_export import DEFAULT_OPSET, default_output_path, export_onnx
 from .report import comparison, comparison_table, latency_table, write_json
 from .verify import (DEFAULT_ATOL, DEFAULT_RTOL, VerificationError,
                      verify_onnx)
-from .wrappers import (CLASSIFICATION, SEGMENTATION, default_input_shape,
-                       export_module, input_channels, model_task)
+from .wrappers import (CLASSIFICATION, DETECTION, SEGMENTATION,
+                       default_input_shape, export_module, input_channels,
+                       model_task)
 
 __all__ = [
     'atomic_output', 'check_output_path', 'benchmark_session',
@@ -22,5 +23,6 @@ __all__ = [
     'default_output_path', 'export_onnx', 'comparison', 'comparison_table',
     'latency_table', 'write_json', 'DEFAULT_ATOL', 'DEFAULT_RTOL',
     'VerificationError', 'verify_onnx', 'CLASSIFICATION', 'SEGMENTATION',
+    'DETECTION',
     'default_input_shape', 'export_module', 'input_channels', 'model_task'
 ]
