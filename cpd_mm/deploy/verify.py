@@ -83,8 +83,8 @@ def verify_onnx(model: nn.Module,
             if out.shape != ref.shape:
                 raise VerificationError(
                     f'{onnx_path}: onnxruntime output '
-                    f'{wrapper.output_names[i]} has shape {out.shape} != '
-                    f'PyTorch shape {ref.shape} (batch {batch})')
+                    f'{session.get_outputs()[i].name} has shape {out.shape} '
+                    f'!= PyTorch shape {ref.shape} (batch {batch})')
             diff = np.abs(out.astype(np.float64) - ref)
             max_abs = max(max_abs, float(diff.max()))
             max_ref = max(max_ref, float(np.abs(ref).max()))
@@ -104,7 +104,7 @@ def verify_onnx(model: nn.Module,
         rtol=rtol,
         batch_sizes=list(batch_sizes),
         provider=session.get_providers()[0],
-        outputs=len(wrapper.output_names))
+        outputs=len(refs))
     if not report['passed']:
         raise VerificationError(
             f'ONNX verification FAILED for {onnx_path}: max |onnxruntime - '
