@@ -108,7 +108,8 @@ def run(args, s, ckpt, name, options, weights, config_extra=''):
     test = sh([sys.executable, 'tools/test.py', s['base'],
                osp.join(wd, weights), '--work-dir', osp.join(wd, 'test')], log)
     row = dict(task=args.task,
-               score=last_float(s['metric'], test) * s.get('scale', 1),
+               score=round(last_float(s['metric'], test) * s.get('scale', 1),
+                           4),
                seconds=round(time.time() - t, 1), baseline=ckpt, log=train)
     return row, result
 

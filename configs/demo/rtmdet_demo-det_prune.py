@@ -7,6 +7,13 @@ Train the baseline first (configs/demo/rtmdet_demo-det.py), then::
 
 The hook writes work_dirs/rtmdet_demo-det_prune/pruned_final.pth, which
 tools/test.py evaluates (COCO bbox mAP) with the baseline config.
+
+Measured here (50% of the parameters, bbox mAP): 42.3 with 'kl' from the
+unpruned starting model (32.5 mAP, not converged), 35.2 with 'cwd', 46.2
+with 'none'; the unpruned model fine-tuned the same 6 epochs reaches 45.9.
+A weak teacher holds the student back: with the fine-tuned model as teacher
+(``teacher=dict(config=..., checkpoint=...)``) 'kl' reaches 47.3
+(benchmarks/ablation_det_*.json).
 """
 _base_ = ['./rtmdet_demo-det.py']
 
