@@ -14,8 +14,8 @@ def read_version():
 setup(
     name='cpd_mm',
     version=read_version(),
-    description='Comb, Prune, Distill: structured pruning for MMPretrain and '
-    'MMSegmentation models (arXiv 2408.03046)',
+    description='Comb, Prune, Distill: structured pruning for MMPretrain, '
+    'MMSegmentation and MMDetection models (arXiv 2408.03046)',
     long_description=open('README.md', encoding='utf-8').read(),
     long_description_content_type='text/markdown',
     packages=find_packages(exclude=('tests', 'configs', 'tools', 'benchmarks')),
@@ -31,6 +31,10 @@ setup(
         'mmcv>=2.0.0,<2.2.0',
         'mmpretrain>=1.2.0,<1.3',
         'mmsegmentation>=1.2.0,<1.3',
+        # mmdet 3.2 is the first release that accepts mmcv 2.1 (3.0 and 3.1
+        # assert mmcv < 2.1); tested with 3.3.0, the latest. Its own
+        # requirements (pycocotools, scipy, shapely, ...) name no mmcv/torch.
+        'mmdet>=3.2.0,<3.4',
         'ftfy',  # imported by mmseg's dataset module
         'regex',
         'onnx>=1.14',

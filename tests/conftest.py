@@ -38,6 +38,17 @@ def tiny_seg_data(tmp_path_factory):
 
 
 @pytest.fixture(scope='session')
+def tiny_det_data(tmp_path_factory):
+    """A tiny COCO-format detection set (4 classes, 16 train / 8 val,
+    96x96)."""
+    from cpd_mm.datasets.demo_det import make_detection_set
+    root = str(tmp_path_factory.mktemp('demo') / 'det')
+    make_detection_set(root, num_train=16, num_val=8, image_size=96, seed=0,
+                       num_classes=4)
+    return root
+
+
+@pytest.fixture(scope='session')
 def run_tool():
     """``run_tool(script, *args)`` runs ``tools/<script>`` in a subprocess.
 

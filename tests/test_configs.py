@@ -13,6 +13,7 @@ from mmengine.registry import MODELS, DefaultScope
 
 import cpd_mm  # noqa: F401  (registers its types)
 from cpd_mm.datasets.demo_data import cls_class_names, seg_class_names
+from cpd_mm.datasets.demo_det import det_class_names
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
@@ -52,8 +53,15 @@ def test_config_builds_model(path):
         size = 32 if cfg.default_scope == 'mmpretrain' else 64
         with torch.no_grad():
             out = model(torch.rand(1, 3, size, size) * 255, mode='tensor')
-    outs = out if isinstance(out, (tuple, list)) else [out]
-    assert all(torch.isfinite(o).all() for o in outs)
+    assert all(torch.isfinite(o).all() for o in _tensors(out))
+
+
+def _tensors(out):
+    """The tensors of a model output (detectors: tuples of per-level
+    lists)."""
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _tensors(o)]
+    return [out]
 
 
 def test_demo_configs_match_generated_data():
@@ -66,3 +74,36 @@ def test_demo_configs_match_generated_data():
     assert names == seg_class_names(5)
     assert seg.model.decode_head.num_classes == len(names)
     assert seg.train_dataloader.dataset.reduce_zero_label
+    det = Config.fromfile(osp.join(REPO, 'configs/demo/rtmdet_demo-det.py'))
+    names = list(det.train_dataloader.dataset.metainfo.classes)
+    assert names == det_class_names(4)
+    assert det.model.bbox_head.num_classes == len(names)
+    assert det.train_dataloader.dataset.data_root == 'data/demo/det/'
+
+
+@pytest.mark.parametrize('path,upstream', [
+    ('configs/cpd/retinanet_r50_fpn_coco_prune.py',
+     'retinanet/retinanet_r50_fpn_1x_coco.py'),
+    ('configs/cpd/rtmdet_tiny_coco_prune.py',
+     'rtmdet/rtmdet_tiny_8xb32-300e_coco.py'),
+])
+def test_detector_prune_configs_start_from_the_model_zoo(path, upstream):
+    """load_from is the checkpoint that MMDetection's metafile lists for the
+    inherited config, and the student is that config's model."""
+    mmdet = pytest.importorskip('mmdet')
+    import yaml
+    configs = osp.join(osp.dirname(mmdet.__file__), '.mim', 'configs')
+    with open(osp.join(configs, osp.dirname(upstream), 'metafile.yml')) as f:
+        models = yaml.safe_load(f)['Models']
+    weights = [m['Weights'] for m in models
+               if m['Config'] == f'configs/{upstream}']
+    assert len(weights) == 1
+    cfg = Config.fromfile(osp.join(REPO, path))
+    assert cfg.load_from == weights[0]
+    assert cfg.model.type == 'CPDDistiller'
+    base = Config.fromfile(osp.join(configs, upstream))
+    student = cfg.model.student.to_dict()
+    assert student.pop('_scope_') == 'mmdet'  # set by the mmdet:: base
+    assert student == base.model.to_dict()
+    hooks = [h for h in cfg.custom_hooks if h.type == 'CPDPruningHook']
+    assert len(hooks) == 1 and 0 < hooks[0].target_sparsity < 1

@@ -1,5 +1,6 @@
 """The generated demo data sets: determinism, layout, labels, difficulty."""
 import importlib.util
+import json
 import os
 import os.path as osp
 
@@ -10,6 +11,7 @@ from PIL import Image
 from cpd_mm.datasets.demo_data import (cls_class_names,
                                        make_classification_set,
                                        make_segmentation_set)
+from cpd_mm.datasets.demo_det import det_class_names, make_detection_set
 
 
 def _tree(root):
@@ -23,7 +25,7 @@ def _tree(root):
 
 
 @pytest.mark.parametrize('make', [make_classification_set,
-                                  make_segmentation_set])
+                                  make_segmentation_set, make_detection_set])
 def test_same_seed_same_bytes_other_seed_differs(tmp_path, make):
     kw = dict(num_train=10, num_val=5, image_size=32)
     make(str(tmp_path / 'a'), seed=3, **kw)
@@ -35,12 +37,14 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path, make):
     assert sum(a[k] != c.get(k) for k in images) >= len(images) - 1
 
 
-def test_images_do_not_depend_on_set_size(tmp_path):
-    make_segmentation_set(str(tmp_path / 'small'), 3, 2, 32, seed=1)
-    make_segmentation_set(str(tmp_path / 'large'), 6, 4, 32, seed=1)
+@pytest.mark.parametrize('make', [make_segmentation_set,
+                                  make_detection_set])
+def test_images_do_not_depend_on_set_size(tmp_path, make):
+    make(str(tmp_path / 'small'), 3, 2, 32, seed=1)
+    make(str(tmp_path / 'large'), 6, 4, 32, seed=1)
     small, large = _tree(tmp_path / 'small'), _tree(tmp_path / 'large')
     for k in small:
-        if k != 'classes.txt':
+        if k.endswith(('.jpg', '.png')):
             assert small[k] == large[k], k
 
 
@@ -85,11 +89,47 @@ def test_segmentation_layout_and_labels(tmp_path):
     assert seen == set(range(6))
 
 
+def test_detection_layout_and_boxes(tmp_path):
+    root = str(tmp_path)
+    names = make_detection_set(root, num_train=40, num_val=8, image_size=64,
+                               seed=0, num_classes=4)
+    assert names == det_class_names(4) == ['disk', 'square', 'triangle',
+                                           'ring']
+    seen = set()
+    for split, n in (('train', 40), ('val', 8)):
+        coco = json.load(open(osp.join(root, 'annotations',
+                                       f'instances_{split}.json')))
+        assert coco['categories'] == [dict(id=k + 1, name=name)
+                                      for k, name in enumerate(names)]
+        assert [im['id'] for im in coco['images']] == list(range(n))
+        per_image = {}
+        for im in coco['images']:
+            img = Image.open(osp.join(root, split, im['file_name']))
+            assert img.format == 'JPEG' and img.mode == 'RGB'
+            assert img.size == (im['width'], im['height']) == (64, 64)
+        for ann in coco['annotations']:
+            x, y, w, h = ann['bbox']
+            assert 0 <= x and 0 <= y and x + w <= 64 and y + h <= 64
+            assert w >= 3 and h >= 3 and ann['iscrowd'] == 0
+            # visible pixels fill a good part of their tight box
+            assert 0.25 < ann['area'] / (w * h) <= 1
+            per_image[ann['image_id']] = per_image.get(ann['image_id'],
+                                                       0) + 1
+            seen.add(ann['category_id'])
+        assert len(per_image) == n  # every image has an object
+        assert max(per_image.values()) <= 3
+        assert len({a['id'] for a in coco['annotations']}) == \
+            len(coco['annotations'])
+    assert seen == {1, 2, 3, 4}
+
+
 def test_invalid_arguments(tmp_path):
     with pytest.raises(ValueError, match='num_classes'):
         make_classification_set(str(tmp_path / 'x'), 4, 2, 32, 0, 9)
     with pytest.raises(ValueError, match='image_size'):
         make_segmentation_set(str(tmp_path / 'y'), 4, 2, 16, 0, 5)
+    with pytest.raises(ValueError, match='num_classes'):
+        make_detection_set(str(tmp_path / 'd'), 4, 2, 32, 0, 7)
     make_classification_set(str(tmp_path / 'z'), 6, 6, 16, 0, 2)
     with pytest.raises(FileExistsError, match='overwrite'):
         make_classification_set(str(tmp_path / 'z'), 6, 6, 16, 0, 2)
@@ -138,3 +178,8 @@ def test_cli_writes_both_sets(tmp_path, repo_root):
     ref = str(tmp_path / 'ref')
     make_segmentation_set(ref, 3, 2, 64, seed=7, num_classes=5)
     assert _tree(out) == _tree(ref)  # CLI defaults match the library's
+    det = str(tmp_path / 'det')
+    cli.main(['det', '--out', det, '--num-train', '2', '--num-val', '1'])
+    ref = str(tmp_path / 'det_ref')
+    make_detection_set(ref, 2, 1, 96, seed=0, num_classes=4)
+    assert _tree(det) == _tree(ref)

@@ -272,10 +272,13 @@ def test_source_errors_name_modules_and_shapes(seg_scope):
         CPDDistiller(student=seg_cfg(), distill=[
             dict(type='KLDivergence', student='backbone.nope',
                  teacher='logits')])
+    # a tuple of tensors is a multi-level source: it needs a multi-level
+    # partner (a list of levels, or the same module of the teacher)
     tuple_out = CPDDistiller(student=seg_cfg(), distill=[
         dict(type='ChannelWiseDivergence', student='backbone',
              teacher='logits')])
-    with pytest.raises(ValueError, match="'backbone'.* is a tuple"):
+    with pytest.raises(ValueError, match=r"student 'backbone' 4 levels .*"
+                       r"teacher 'logits' \(2, 4, 4, 4\): a multi-level"):
         tuple_out.train_step(seg_data(), sgd(tuple_out))
     mismatch = CPDDistiller(student=seg_cfg(), distill=[
         dict(type='ChannelWiseDivergence', student='logits',

@@ -137,6 +137,17 @@ def test_default_input_shape_sources():
         (512, 1024), 'model.test_cfg.crop_size')
     plain = Config(dict(crop_size=(480, 640), model=dict(test_cfg=dict())))
     assert default_input_shape(plain, 'segmentation')[0] == (480, 640)
+    # detectors: keep_ratio resizes give the largest size, a Pad fixes it
+    det = Config(dict(test_dataloader=dict(dataset=dict(pipeline=[
+        dict(type='LoadImageFromFile'),
+        dict(type='Resize', scale=(1333, 800), keep_ratio=True)]))))
+    assert default_input_shape(det, 'detection') == (
+        (800, 1333), 'test pipeline Resize.scale (keep_ratio: the largest '
+        'size)')
+    det.test_dataloader.dataset.pipeline.append(
+        dict(type='Pad', size=(640, 640)))
+    assert default_input_shape(det, 'detection') == (
+        (640, 640), 'test pipeline Pad.size')
 
 
 def test_atomic_output_publishes_only_complete_files(tmp_path):

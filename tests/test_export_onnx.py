@@ -23,6 +23,7 @@ ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TOOL = osp.join(ROOT, 'tools', 'export_onnx.py')
 DEMO_CLS = osp.join(ROOT, 'configs', 'demo', 'resnet18_demo-cls.py')
 DEMO_SEG = osp.join(ROOT, 'configs', 'demo', 'pspnet_r18_demo-seg.py')
+DEMO_DET = osp.join(ROOT, 'configs', 'demo', 'rtmdet_demo-det.py')
 
 # A ResNet-18-shaped classifier whose widths scale with `w`.
 CLS_CONFIG = """
@@ -48,7 +49,8 @@ REPORT_KEYS = {
 }
 ONNX_KEYS = {
     'path', 'task', 'opset', 'input_name', 'output_name', 'input_shape',
-    'output_shape', 'dynamic_batch', 'simplified', 'size_bytes'
+    'output_shape', 'output_names', 'output_shapes', 'dynamic_batch',
+    'simplified', 'size_bytes'
 }
 BENCH_KEYS = {
     'runs', 'mean_ms', 'median_ms', 'p90_ms', 'p99_ms', 'min_ms', 'max_ms',
@@ -57,7 +59,7 @@ BENCH_KEYS = {
 }
 VERIFY_KEYS = {
     'passed', 'max_abs_diff', 'max_rel_diff', 'max_abs_ref',
-    'argmax_agreement', 'atol', 'rtol', 'batch_sizes', 'provider'
+    'argmax_agreement', 'atol', 'rtol', 'batch_sizes', 'provider', 'outputs'
 }
 
 
@@ -134,6 +136,13 @@ def seg_small(tmp_path_factory):
     """The demo segmentor (PSPNet, ResNet-18 D8, 64x64), pruned."""
     return make_model(str(tmp_path_factory.mktemp('seg')), DEMO_SEG, 'seg',
                       prune_shape=(1, 3, 64, 64))
+
+
+@pytest.fixture(scope='module')
+def det_small(tmp_path_factory):
+    """The demo detector (narrow RTMDet, 96x96), pruned."""
+    return make_model(str(tmp_path_factory.mktemp('det')), DEMO_DET, 'det',
+                      prune_shape=(1, 3, 96, 96))
 
 
 def check_report_schema(report):
@@ -228,6 +237,44 @@ def test_pruned_segmentor_export_dynamic_batch(tool, seg_small, tmp_path,
             pruned(x, mode='tensor'), size=(64, 64), mode='bilinear')
     np.testing.assert_allclose(logits, expected.numpy(), rtol=1e-3,
                                atol=1e-4)
+
+
+def test_pruned_detector_exports_raw_head_maps(tool, det_small, tmp_path,
+                                              capsys):
+    m = det_small
+    out, js = str(tmp_path / 'det.onnx'), str(tmp_path / 'det.json')
+    code = tool.main([m['config'], m['pruned_checkpoint'], '--out', out,
+                      '--verify', '--compare-to', m['checkpoint'], '--runs',
+                      '5', '--warmup', '1', '--threads', '1', '--json', js])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert 'from test pipeline Resize.scale' in printed
+    with open(js) as f:
+        report = json.load(f)
+    check_report_schema(report)
+    assert report['task'] == 'detection' and report['pruned']
+    names = [f'{kind}_{level}' for kind in ('cls_score', 'bbox_pred')
+             for level in range(3)]
+    assert report['onnx']['output_names'] == names
+    # 4 classes and 4 distances per point, strides 8, 16, 32 of 96x96
+    assert report['onnx']['output_shapes'] == [
+        [1, c, s, s] for c in (4, 4) for s in (12, 6, 3)]
+    assert report['verify']['passed'] and report['verify']['outputs'] == 6
+    assert report['params'] == num_params(m['pruned_model'])
+    assert report['compare']['params_ratio'] > 2
+
+    # no NMS or decoding in the graph: its outputs are the head's raw maps
+    graph = onnx.load(out).graph
+    assert not {'NonMaxSuppression', 'TopK'} & {n.op_type
+                                                 for n in graph.node}
+    x = torch.randn(1, 3, 96, 96)
+    session = ort.InferenceSession(out, providers=['CPUExecutionProvider'])
+    maps = session.run(None, {'input': x.numpy()})
+    with torch.no_grad():
+        cls_scores, bbox_preds = m['pruned_model'](x, mode='tensor')
+    for got, expected in zip(maps, [*cls_scores, *bbox_preds]):
+        np.testing.assert_allclose(got, expected.numpy(), rtol=1e-3,
+                                   atol=1e-3)
 
 
 def test_compare_pruned_to_unpruned(tool, cls_small, tmp_path, capsys):

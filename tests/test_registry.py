@@ -1,8 +1,9 @@
 """cpd_mm registers in mmengine's root registries, visible from every scope.
 
 Runners build objects through the registry of the config's ``default_scope``
-(``mmpretrain`` or ``mmseg``), which falls back to its parent, the root. A type
-registered in one codebase's child registry would be invisible from the other.
+(``mmpretrain``, ``mmseg`` or ``mmdet``), which falls back to its parent, the
+root. A type registered in one codebase's child registry would be invisible
+from the others.
 """
 import pytest
 import torch.nn as nn
@@ -12,7 +13,9 @@ from mmengine.registry import DefaultScope, Registry
 
 import cpd_mm  # noqa: F401  (registers its types)
 
-SCOPES = ('mmpretrain', 'mmseg')
+SCOPES = ('mmpretrain', 'mmseg', 'mmdet')
+OWN_TYPE = dict(mmpretrain='ImageClassifier', mmseg='EncoderDecoder',
+                mmdet='RetinaNet')
 
 
 def _root_registries():
@@ -76,8 +79,7 @@ def test_root_type_builds_in_scope(tiny_types, scope):
         model = root.MODELS.build(dict(type='_CpdTestTinyNet', width=5))
         hook = root.HOOKS.build(dict(type='_CpdTestTinyHook'))
         # The scope's own types resolve too: the switch really happened.
-        own = 'ImageClassifier' if scope == 'mmpretrain' else 'EncoderDecoder'
         with root.MODELS.switch_scope_and_registry(scope) as scoped:
-            assert scoped.get(own) is not None
+            assert scoped.get(OWN_TYPE[scope]) is not None
     assert model.conv.out_channels == 5
     assert type(hook).__name__ == '_TinyHook'

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Export a (pruned) MMPretrain / MMSegmentation model to ONNX, verify, time.
+"""Export a (pruned) MMPretrain / MMSegmentation / MMDetection model to ONNX,
+verify it, time it.
 
 Examples::
 
@@ -14,10 +15,13 @@ A checkpoint whose ``meta['cpd_plan']`` holds a pruning plan is rebuilt from
 the original config and shrunk with the plan before its weights are loaded
 (:func:`cpd_mm.apis.init_model`), so the exported graph is the small one.
 The graph maps the preprocessed image ``input`` [N, C, H, W] to ``logits``
-(see :mod:`cpd_mm.deploy.wrappers`).
+(classifiers, segmenters) or, for single-stage detectors, to the raw maps of
+the dense head, one output per kind and FPN level (``cls_score_0``, ...,
+``bbox_pred_0``, ...; no NMS in the graph); see :mod:`cpd_mm.deploy.wrappers`.
 
 Exit status: 0 on success; 1 when a checkpoint cannot be used, an output
-exists (without ``--force``), the model has an op without ONNX form, or the
+exists (without ``--force``), the model has an op without ONNX form or is of
+a kind that is not exported (two-stage detectors), or the
 verification fails (the ONNX file is then not written); 2 for bad arguments.
 ``--json`` is written only on success.
 Set ``CPD_MM_TRACEBACK=1`` to see the traceback of an error.
@@ -43,14 +47,16 @@ from cpd_mm.deploy import (DEFAULT_ATOL, DEFAULT_OPSET, DEFAULT_RTOL,
 from cpd_mm.deploy.benchmark import require_onnxruntime
 from cpd_mm.deploy.complexity import format_count
 from cpd_mm.deploy.onnx_export import ExportError, require_onnxsim
+from cpd_mm.deploy.wrappers import UnsupportedModelError
 from cpd_mm.deploy.report import JSON_SCHEMA_VERSION
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        description='Export an MMPretrain classifier or MMSegmentation '
-        'segmentor (pruned or not) to ONNX; optionally verify it against '
-        'PyTorch and time it with onnxruntime.')
+        description='Export an MMPretrain classifier, MMSegmentation '
+        'segmentor or MMDetection single-stage detector (pruned or not) to '
+        'ONNX; optionally verify it against PyTorch and time it with '
+        'onnxruntime.')
     p.add_argument('config', help='model config (the original, unpruned one)')
     p.add_argument('checkpoint', help='checkpoint, pruned (meta["cpd_plan"]) '
                    'or not')
@@ -143,9 +149,15 @@ def _export_one(model, args, out, shape, channels, force, label):
     info = export_onnx(model, out, shape, args.batch, channels, args.opset,
                        args.dynamic_batch, args.simplify, force,
                        before_publish=check if args.verify else None)
+    if len(info['output_names']) == 1:
+        outputs = f'output {info["output_shape"]}'
+    else:
+        outputs = f'{len(info["output_names"])} outputs ' + ', '.join(
+            f'{n} {s}' for n, s in zip(info['output_names'],
+                                       info['output_shapes']))
     print(f'[{label}] exported {info["task"]} model to {out} '
           f'({info["size_bytes"] / 1e6:.2f} MB, opset {args.opset}, '
-          f'input {info["input_shape"]}, output {info["output_shape"]}'
+          f'input {info["input_shape"]}, {outputs}'
           f'{", dynamic batch" if args.dynamic_batch else ""})')
     if verified:
         print(f'[{label}] verified with {verified["provider"]}: max |ort - '
@@ -263,7 +275,8 @@ def main(argv=None) -> int:
     try:
         run(args)
     except (CheckpointError, VerificationError, ExportError, FileExistsError,
-            IsADirectoryError, ImportError, ValueError) as exc:
+            IsADirectoryError, ImportError, ValueError,
+            UnsupportedModelError) as exc:
         if os.environ.get('CPD_MM_TRACEBACK') == '1':  # as tools/train.py
             raise
         print(f'error: {exc}', file=sys.stderr)

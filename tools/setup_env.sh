@@ -106,9 +106,11 @@ else
 fi
 
 # 4. cpd_mm itself ------------------------------------------------------------
-say "installing cpd_mm (editable) with its test extras"
+say "installing cpd_mm (editable) with its test extras and MMDetection"
 "${PIP[@]}" install -q -e "$ROOT[tests]" || fail "pip install -e .[tests] failed"
-"$PY" -c 'import cpd_mm, mmpretrain, mmseg; print("cpd_mm", cpd_mm.__version__, "| mmpretrain", mmpretrain.__version__, "| mmseg", mmseg.__version__)' \
+# (MMDetection comes with cpd_mm's requirements; it names no mmcv or torch,
+# so pip keeps the ones installed above)
+"$PY" -c 'import cpd_mm, mmpretrain, mmseg, mmdet; print("cpd_mm", cpd_mm.__version__, "| mmpretrain", mmpretrain.__version__, "| mmseg", mmseg.__version__, "| mmdet", mmdet.__version__)' \
   || fail "cpd_mm installed but does not import"
 
 say "done in $(( $(date +%s) - START )) s; interpreter: $PY"

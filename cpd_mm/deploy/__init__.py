@@ -14,8 +14,9 @@ from .report import (comparison, comparison_table, latency_summary,
                      write_json)
 from .verify import (DEFAULT_ATOL, DEFAULT_RTOL, VerificationError,
                      verify_onnx)
-from .wrappers import (CLASSIFICATION, SEGMENTATION, default_input_shape,
-                       export_module, input_channels, model_task)
+from .wrappers import (CLASSIFICATION, DETECTION, SEGMENTATION,
+                       default_input_shape, export_module, input_channels,
+                       model_task)
 
 __all__ = [
     'atomic_output', 'check_output_path', 'benchmark_session',
@@ -26,5 +27,6 @@ __all__ = [
     'latency_summary', 'LatencyTable', 'write_json', 'DEFAULT_ATOL',
     'DEFAULT_RTOL',
     'VerificationError', 'verify_onnx', 'CLASSIFICATION', 'SEGMENTATION',
+    'DETECTION',
     'default_input_shape', 'export_module', 'input_channels', 'model_task'
 ]

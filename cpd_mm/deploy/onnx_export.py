@@ -1,4 +1,5 @@
-"""Export an MMPretrain classifier or MMSegmentation segmentor to ONNX."""
+"""Export an MMPretrain classifier, MMSegmentation segmentor or MMDetection
+single-stage detector to ONNX."""
 import os.path as osp
 import warnings
 from typing import Callable, Optional, Sequence
@@ -55,7 +56,8 @@ def export_onnx(model: nn.Module,
                 force: bool = False,
                 before_publish: Optional[Callable[[str], None]] = None
                 ) -> dict:
-    """Export ``model``'s logits (:mod:`cpd_mm.deploy.wrappers`) to ``out``.
+    """Export ``model``'s logits or raw head maps
+    (:mod:`cpd_mm.deploy.wrappers`) to ``out``.
 
     The graph is traced with the TorchScript-based exporter of
     ``torch.onnx.export`` (``dynamo=False``): tracing records the ops that one
@@ -67,7 +69,8 @@ def export_onnx(model: nn.Module,
     moved into place, see :func:`cpd_mm.deploy.atomic.atomic_output`.
 
     Args:
-        model: classifier or segmentor in eval mode (e.g. from
+        model: classifier, segmentor or single-stage detector in eval mode
+            (e.g. from
             :func:`cpd_mm.apis.init_model`, already pruned).
         out: output ``.onnx`` path.
         input_shape: ``(H, W)`` of the image.
@@ -75,7 +78,8 @@ def export_onnx(model: nn.Module,
             ``dynamic_batch``).
         in_channels: image channels.
         opset: ONNX opset version.
-        dynamic_batch: make axis 0 of input and output symbolic (``'batch'``).
+        dynamic_batch: make axis 0 of input and outputs symbolic
+            (``'batch'``).
         simplify: run onnx-simplifier on the graph (needs ``onnxsim``).
         force: replace an existing ``out``.
         before_publish: called with the path of the finished temporary file
@@ -84,8 +88,10 @@ def export_onnx(model: nn.Module,
 
     Returns:
         dict: ``path``, ``task``, ``opset``, ``input_name``, ``output_name``,
-        ``input_shape`` and ``output_shape`` (lists, batch as exported),
-        ``dynamic_batch``, ``simplified``, ``size_bytes``.
+        ``input_shape`` and ``output_shape`` (lists, batch as exported; of
+        the first output), ``output_names`` and ``output_shapes`` (all
+        outputs: one for classifiers and segmentors, one per kind and level
+        for detectors), ``dynamic_batch``, ``simplified``, ``size_bytes``.
 
     Raises:
         FileExistsError: ``out`` exists and not ``force`` (before any work).
@@ -105,9 +111,12 @@ def export_onnx(model: nn.Module,
     device = next(model.parameters()).device
     example = torch.randn(batch, in_channels, *input_shape, device=device)
     with torch.no_grad():
-        output_shape = list(wrapper(example).shape)
-    dynamic_axes = ({INPUT_NAME: {0: 'batch'}, OUTPUT_NAME: {0: 'batch'}}
-                    if dynamic_batch else None)
+        outputs = wrapper(example)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs, )
+    output_names = list(wrapper.output_names)
+    output_shapes = [list(o.shape) for o in outputs]
+    dynamic_axes = ({name: {0: 'batch'} for name in [INPUT_NAME] +
+                     output_names} if dynamic_batch else None)
 
     with atomic_output(out, force) as tmp:
         with warnings.catch_warnings(), exportable_modules(wrapper):
@@ -122,7 +131,7 @@ def export_onnx(model: nn.Module,
                     dynamo=False,
                     opset_version=opset,
                     input_names=[INPUT_NAME],
-                    output_names=[OUTPUT_NAME],
+                    output_names=output_names,
                     dynamic_axes=dynamic_axes,
                     do_constant_folding=True)
             except torch.onnx.errors.OnnxExporterError as exc:
@@ -145,9 +154,11 @@ def export_onnx(model: nn.Module,
         task=task,
         opset=opset,
         input_name=INPUT_NAME,
-        output_name=OUTPUT_NAME,
+        output_name=output_names[0],
         input_shape=[batch, in_channels, *map(int, input_shape)],
-        output_shape=output_shape,
+        output_shape=output_shapes[0],
+        output_names=output_names,
+        output_shapes=output_shapes,
         dynamic_batch=bool(dynamic_batch),
         simplified=bool(simplify),
         size_bytes=size)

@@ -34,7 +34,8 @@ def verify_onnx(model: nn.Module,
     """Compare ``onnx_path`` under onnxruntime with ``model``, random inputs.
 
     An element passes when ``|ort - torch| <= atol + rtol * |torch|`` (the
-    rule of ``numpy.allclose``); every element of every batch size must pass.
+    rule of ``numpy.allclose``); every element of every output (all the maps
+    of a detector) at every batch size must pass.
 
     Args:
         model: the PyTorch model that was exported.
@@ -52,7 +53,9 @@ def verify_onnx(model: nn.Module,
         dict: ``passed`` (True), ``max_abs_diff``, ``max_rel_diff`` (relative
         to the largest ``|torch|`` output), ``max_abs_ref``,
         ``argmax_agreement`` (fraction of equal class predictions, per image
-        or per pixel), ``atol``, ``rtol``, ``batch_sizes``, ``provider``.
+        or per pixel; for detectors, of the argmax over the channels of the
+        first class map), ``atol``, ``rtol``, ``batch_sizes``,
+        ``provider``, ``outputs`` (how many were compared).
 
     Raises:
         VerificationError: with the same numbers, when any element fails.
@@ -68,19 +71,28 @@ def verify_onnx(model: nn.Module,
     for batch in batch_sizes:
         x = torch.randn(batch, *input_shape, generator=generator)
         with torch.no_grad():
-            ref = wrapper(x.to(device)).float().cpu().numpy()
-        out = session.run(None, {input_name: x.numpy()})[0]
-        if out.shape != ref.shape:
+            refs = wrapper(x.to(device))
+        refs = refs if isinstance(refs, tuple) else (refs, )
+        outs = session.run(None, {input_name: x.numpy()})
+        if len(outs) != len(refs):
             raise VerificationError(
-                f'{onnx_path}: onnxruntime output shape {out.shape} != '
-                f'PyTorch output shape {ref.shape} (batch {batch})')
-        diff = np.abs(out.astype(np.float64) - ref)
-        max_abs = max(max_abs, float(diff.max()))
-        max_ref = max(max_ref, float(np.abs(ref).max()))
-        worst_excess = max(worst_excess,
-                           float((diff - atol - rtol * np.abs(ref)).max()))
-        same = out.argmax(axis=1) == ref.argmax(axis=1)
-        agree, total = agree + int(same.sum()), total + same.size
+                f'{onnx_path}: onnxruntime returns {len(outs)} outputs, '
+                f'PyTorch {len(refs)}')
+        for i, (out, ref) in enumerate(zip(outs, refs)):
+            ref = ref.float().cpu().numpy()
+            if out.shape != ref.shape:
+                raise VerificationError(
+                    f'{onnx_path}: onnxruntime output '
+                    f'{session.get_outputs()[i].name} has shape {out.shape} '
+                    f'!= PyTorch shape {ref.shape} (batch {batch})')
+            diff = np.abs(out.astype(np.float64) - ref)
+            max_abs = max(max_abs, float(diff.max()))
+            max_ref = max(max_ref, float(np.abs(ref).max()))
+            worst_excess = max(
+                worst_excess, float((diff - atol - rtol * np.abs(ref)).max()))
+            if i == 0:  # logits, or a detector's first class map
+                same = out.argmax(axis=1) == ref.argmax(axis=1)
+                agree, total = agree + int(same.sum()), total + same.size
 
     report = dict(
         passed=bool(worst_excess <= 0),
@@ -91,7 +103,8 @@ def verify_onnx(model: nn.Module,
         atol=atol,
         rtol=rtol,
         batch_sizes=list(batch_sizes),
-        provider=session.get_providers()[0])
+        provider=session.get_providers()[0],
+        outputs=len(refs))
     if not report['passed']:
         raise VerificationError(
             f'ONNX verification FAILED for {onnx_path}: max |onnxruntime - '

@@ -1,39 +1,63 @@
 """What the exported graph computes, and for which input shape.
 
-The ONNX graph has one input and one output:
+The ONNX graph has one input:
 
 - ``input``: float32 ``[N, C, H, W]``, the image *after* the model's data
   preprocessor (mean/std normalised, channel order as configured); the
   preprocessor itself is not part of the graph.
-- ``logits``:
-    * classifier (MMPretrain ``ImageClassifier``): ``[N, num_classes]``, the
-      head's raw scores before softmax (``model(x, mode='tensor')``);
-    * segmentor (MMSegmentation ``BaseSegmentor``): ``[N, num_classes, H, W]``,
-      the decode head's per-pixel scores before softmax, bilinearly resized to
-      the input size exactly as ``EncoderDecoder.encode_decode`` does
-      (``align_corners`` of the decode head). ``argmax(1)`` is the label map of
-      ``mode='predict'`` for whole-image inference at this size.
+
+and, by task, these outputs:
+
+- classifier (MMPretrain ``ImageClassifier``): ``logits``
+  ``[N, num_classes]``, the head's raw scores before softmax
+  (``model(x, mode='tensor')``);
+- segmentor (MMSegmentation ``BaseSegmentor``): ``logits``
+  ``[N, num_classes, H, W]``, the decode head's per-pixel scores before
+  softmax, bilinearly resized to the input size exactly as
+  ``EncoderDecoder.encode_decode`` does (``align_corners`` of the decode
+  head). ``argmax(1)`` is the label map of ``mode='predict'`` for
+  whole-image inference at this size;
+- single-stage detector (MMDetection ``SingleStageDetector``: RetinaNet,
+  FCOS, ATSS, YOLOX, RTMDet, ...): the raw maps of the dense head, one output
+  per kind and FPN level, ``<kind>_<level>``, e.g. ``cls_score_0 ..
+  cls_score_4`` ``[N, priors * classes, H_l, W_l]`` and ``bbox_pred_0 ..``
+  (YOLOX adds ``objectness_<l>``, FCOS ``score_factor_<l>``: its
+  centerness). These are exactly ``model(x, mode='tensor')``, and the kinds
+  are named after the arguments of the head's ``predict_by_feat``, which
+  decodes them (anchors, box coder, score threshold, NMS) outside the graph.
+  No NMS is in the graph.
 """
+import inspect
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ['CLASSIFICATION', 'SEGMENTATION', 'model_task', 'ClassifierLogits',
-           'SegmentorLogits', 'export_module', 'default_input_shape',
-           'input_channels']
+__all__ = ['CLASSIFICATION', 'SEGMENTATION', 'DETECTION', 'model_task',
+           'UnsupportedModelError',
+           'ClassifierLogits', 'SegmentorLogits', 'DetectorHeadMaps',
+           'export_module', 'default_input_shape', 'input_channels']
 
 CLASSIFICATION = 'classification'
 SEGMENTATION = 'segmentation'
+DETECTION = 'detection'
+
+
+class UnsupportedModelError(TypeError):
+    """The model is of a kind that cannot be exported."""
 
 
 def model_task(model: nn.Module) -> str:
-    """``'classification'`` or ``'segmentation'``, by the model's base class.
+    """``'classification'``, ``'segmentation'`` or ``'detection'``, by the
+    model's base class.
 
     Raises:
-        TypeError: the model is neither an MMPretrain ``ImageClassifier`` nor
-            an MMSegmentation ``BaseSegmentor``.
+        UnsupportedModelError: the model is neither an MMPretrain
+            ``ImageClassifier``, an MMSegmentation ``BaseSegmentor`` nor an
+            MMDetection ``SingleStageDetector`` (two-stage detectors need
+            proposals and NMS between their stages, which the raw-map export
+            leaves out).
     """
     try:
         from mmpretrain.models import ImageClassifier
@@ -47,14 +71,29 @@ def model_task(model: nn.Module) -> str:
             return SEGMENTATION
     except ImportError:
         pass
-    raise TypeError(
+    try:
+        from mmdet.models.detectors import (SingleStageDetector,
+                                            TwoStageDetector)
+        if isinstance(model, SingleStageDetector):
+            return DETECTION
+        if isinstance(model, TwoStageDetector):
+            raise UnsupportedModelError(
+                f'cannot export a {type(model).__name__}: a two-stage '
+                'detector runs NMS on its proposals between the stages; only '
+                'single-stage (dense) detectors are exported (raw head maps)')
+    except ImportError:
+        pass
+    raise UnsupportedModelError(
         f'cannot export a {type(model).__name__}: only MMPretrain '
-        'ImageClassifier and MMSegmentation segmentors (BaseSegmentor) are '
-        'supported (is mmpretrain / mmsegmentation installed?)')
+        'ImageClassifier, MMSegmentation segmentors (BaseSegmentor) and '
+        'MMDetection single-stage detectors are supported (is the codebase '
+        'installed?)')
 
 
 class ClassifierLogits(nn.Module):
     """``[N, C, H, W]`` image -> ``[N, num_classes]`` classifier logits."""
+
+    output_names = ['logits']
 
     def __init__(self, classifier: nn.Module):
         super().__init__()
@@ -69,6 +108,8 @@ class ClassifierLogits(nn.Module):
 
 class SegmentorLogits(nn.Module):
     """``[N, C, H, W]`` image -> ``[N, classes, H, W]`` segmentor logits."""
+
+    output_names = ['logits']
 
     def __init__(self, segmentor: nn.Module):
         super().__init__()
@@ -86,11 +127,63 @@ class SegmentorLogits(nn.Module):
                              align_corners=self.align_corners)
 
 
+class DetectorHeadMaps(nn.Module):
+    """``[N, C, H, W]`` image -> the dense head's per-level raw maps.
+
+    The outputs are ``model(x, mode='tensor')`` flattened: for each kind of
+    map the head returns, one tensor per level. Kinds are named after the
+    leading arguments of the head's ``predict_by_feat`` (``cls_scores``,
+    ``bbox_preds``, then e.g. ``objectnesses`` or ``score_factors``), so
+    ``output_names`` reads ``cls_score_0, ..., bbox_pred_0, ...``; it is set
+    by the first forward pass (heads differ in how many kinds they return).
+    """
+
+    def __init__(self, detector: nn.Module):
+        super().__init__()
+        self.model = detector
+        head = detector.bbox_head
+        self.levels = len(head.prior_generator.strides)
+        self.kinds = []
+        for name in inspect.signature(head.predict_by_feat).parameters:
+            if name in ('self', 'batch_img_metas', 'cfg', 'rescale',
+                        'with_nms'):
+                break
+            self.kinds.append(_singular(name))
+        self.output_names = None
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        outs = self.model(x, mode='tensor')
+        if len(outs) > len(self.kinds) or any(
+                len(per_level) != self.levels for per_level in outs):
+            raise ValueError(
+                f'{type(self.model.bbox_head).__name__} returned '
+                f'{len(outs)} kinds of maps of {[len(o) for o in outs]} '
+                f'levels; expected at most {len(self.kinds)} kinds '
+                f'({self.kinds}) of {self.levels} levels')
+        self.output_names = [f'{kind}_{level}'
+                             for kind in self.kinds[:len(outs)]
+                             for level in range(self.levels)]
+        return tuple(t for per_level in outs for t in per_level)
+
+
+def _singular(name: str) -> str:
+    """'cls_scores' -> 'cls_score', 'objectnesses' -> 'objectness'."""
+    if name.endswith('nesses'):
+        return name[:-2]
+    return name[:-1] if name.endswith('s') else name
+
+
 def export_module(model: nn.Module) -> nn.Module:
-    """The model as a one-tensor-in, logits-out module (eval mode)."""
+    """The model as a one-tensor-in module (eval mode) whose outputs are
+    named by its ``output_names`` (``['logits']``, or the detector maps,
+    known after a forward pass)."""
     task = model_task(model)
-    wrapper = (ClassifierLogits(model)
-               if task == CLASSIFICATION else SegmentorLogits(model))
+    if task == DETECTION:
+        wrapper = DetectorHeadMaps(model)
+    elif task == CLASSIFICATION:
+        wrapper = ClassifierLogits(model)
+    else:
+        wrapper = SegmentorLogits(model)
     return wrapper.eval()
 
 
@@ -156,8 +249,22 @@ def default_input_shape(cfg, task: str) -> Tuple[Optional[Tuple[int, int]],
     the train pipeline's random crop. Segmentors: the sliding-window crop of
     ``model.test_cfg`` in slide mode, else ``model.data_preprocessor.size``,
     else the config's ``crop_size`` (mmseg sizes are ``(h, w)``), else the
-    pipelines as for classifiers.
+    pipelines as for classifiers. Detectors: the test pipeline's last
+    ``Pad.size`` or ``Resize.scale`` (with ``keep_ratio`` the images are at
+    most that large), else the pipelines as for classifiers.
     """
+    if task == DETECTION:
+        shape, source = None, ''
+        for t in _pipeline(cfg, 'test'):
+            name = _type_name(t)
+            key = {'Pad': 'size', 'Resize': 'scale'}.get(name)
+            if key and _hw(t.get(key), 'wh'):
+                shape = _hw(t[key], 'wh')
+                source = f'test pipeline {name}.{key}'
+                if name == 'Resize' and t.get('keep_ratio', False):
+                    source += ' (keep_ratio: the largest size)'
+        if shape:
+            return shape, source
     if task == SEGMENTATION:
         model_cfg = cfg.get('model') or {}
         test_cfg = model_cfg.get('test_cfg') or {}

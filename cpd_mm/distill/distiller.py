@@ -17,7 +17,7 @@ from .sources import (codebase_of, fetch, head_path, record, resolve_source,
                       source_channels)
 
 _SHORT_NAMES = {'KLDivergence': 'kl', 'ChannelWiseDivergence': 'cwd',
-                'CIRKDLoss': 'cirkd'}
+                'CIRKDLoss': 'cirkd', 'BinaryKLDivergence': 'kl'}
 
 
 def build_teacher(config: Union[str, dict],
@@ -49,6 +49,35 @@ def build_teacher(config: Union[str, dict],
     return model
 
 
+def _shapes(preds) -> str:
+    if isinstance(preds, (list, tuple)):
+        return f'{len(preds)} levels ' + ', '.join(
+            str(tuple(p.shape)) for p in preds)
+    return str(tuple(preds.shape))
+
+
+def _apply_loss(loss_fn, preds_S, preds_T, labels):
+    """One distillation loss on a pair of sources.
+
+    Multi-level sources (lists of per-level maps) go whole to losses that
+    declare ``multi_level = True``; other losses run per level and their
+    values (or dict entries) are summed over levels, as one loss item per
+    FPN level would be.
+    """
+    multi = [isinstance(p, (list, tuple)) for p in (preds_S, preds_T)]
+    if not any(multi):
+        return loss_fn(preds_S, preds_T, labels)
+    if not all(multi) or len(preds_S) != len(preds_T):
+        raise ValueError('a multi-level source must be paired with one of '
+                         'as many levels')
+    if getattr(loss_fn, 'multi_level', False):
+        return loss_fn(list(preds_S), list(preds_T), labels)
+    outs = [loss_fn(s, t, labels) for s, t in zip(preds_S, preds_T)]
+    if isinstance(outs[0], dict):
+        return {k: sum(o[k] for o in outs) for k in outs[0]}
+    return sum(outs)
+
+
 @MODELS.register_module()
 class CPDDistiller(BaseModel):
     """Train a student with its own losses plus distillation from a teacher.
@@ -67,7 +96,7 @@ class CPDDistiller(BaseModel):
     Args:
         student (dict | nn.Module): the student model config, built with
             mmengine ``MODELS.build`` in the current default scope (so
-            MMPretrain and MMSegmentation configs both work). Its
+            MMPretrain, MMSegmentation and MMDetection configs work). Its
             ``data_preprocessor`` is the distiller's. Available as
             ``self.student`` (the pruning hook finds it there).
         teacher (str | dict | nn.Module): ``'self'`` (default): a frozen
@@ -81,7 +110,9 @@ class CPDDistiller(BaseModel):
             ``'cirkd'`` or ``'none'`` (see :func:`build_distill_cfg`), or a
             list of ``dict(type=<loss>, student=<source>, teacher=<source>,
             name=<log name, optional>, **loss args)``; sources are described
-            in :mod:`cpd_mm.distill.sources`. Loss arguments
+            in :mod:`cpd_mm.distill.sources`; a multi-level source (FPN
+            levels) goes whole to a loss with ``multi_level = True``, other
+            losses run per level and are summed. Loss arguments
             ``num_classes``, ``student_channels`` and ``teacher_channels``
             (and ``ignore_index`` for losses that need labels, i.e. CIRKD)
             are read from the models when a loss takes them and the item
@@ -216,12 +247,12 @@ class CPDDistiller(BaseModel):
             preds_S = fetch(s_out, self.student, spec['student'], 'student')
             preds_T = fetch(t_out, self.teacher, spec['teacher'], 'teacher')
             try:
-                out = loss_fn(preds_S, preds_T, labels)
+                out = _apply_loss(loss_fn, preds_S, preds_T, labels)
             except ValueError as err:
                 raise ValueError(
                     f"distill '{spec['name']}': student '{spec['student']}' "
-                    f"{tuple(preds_S.shape)}, teacher '{spec['teacher']}' "
-                    f'{tuple(preds_T.shape)}: {err}') from err
+                    f"{_shapes(preds_S)}, teacher '{spec['teacher']}' "
+                    f'{_shapes(preds_T)}: {err}') from err
             if isinstance(out, dict):
                 for term, value in out.items():
                     losses[f"loss_kd_{spec['name']}_{term}"] = value
