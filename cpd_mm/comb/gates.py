@@ -142,8 +142,15 @@ class ChannelGates:
                                          self._channel_set(a) for a in ids]
             self._handles.append(self.modules[name].register_forward_hook(
                 self._site_hook(name)))
+        # a new pass restarts the per-call counters: at the model's own
+        # forward, and at its first module (wrappers such as the distiller
+        # call the model's methods, not its forward)
         self._handles.append(model.register_forward_pre_hook(
             lambda *a: self._calls.clear()))
+        if comb.first_module in self.modules:
+            self._handles.append(self.modules[comb.first_module]
+                                 .register_forward_pre_hook(
+                                     lambda *a: self._calls.clear()))
         self._norm_sites: List[_NormSite] = []
         self._norm_patch_names = set()
         norms = defaultdict(lambda: defaultdict(dict))

@@ -91,6 +91,11 @@ class CombResult:
         self.producers = tracer.producers
         self.channelwise = tracer.channelwise
         self.uncalled: List[str] = []
+        # a pass through the model starts with this module (called once per
+        # pass in the trace): gates count module calls from there
+        first = tracer.first_module
+        self.first_module = first if first and \
+            tracer.calls.get(first) == 1 else None
         self.verification = None
         self._build(tracer)
 

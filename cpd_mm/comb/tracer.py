@@ -65,6 +65,7 @@ class CombTracer(TorchDispatchMode):
         self._site_of: Dict[int, int] = {}   # id(gated tensor) -> site
         self._norm_ops = defaultdict(int)    # (module, call) -> norm ops
         self.calls = defaultdict(int)
+        self.first_module = None        # the first submodule called
         # parameters of modules traced as one unit: used by other ops too,
         # their channels cannot be sliced by the handler alone
         self._owner = {}
@@ -265,6 +266,8 @@ class CombTracer(TorchDispatchMode):
         def hook(mod, args, kwargs):
             self.stack.append(name)
             self.calls[name] += 1
+            if self.first_module is None and name:
+                self.first_module = name
             if self.suppress:
                 self._frames.append('inside')
                 return
