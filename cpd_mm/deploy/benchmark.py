@@ -4,6 +4,8 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
+from ..utils.progress import Progress
+
 __all__ = ['require_onnxruntime', 'select_providers', 'create_session',
            'session_options', 'benchmark_session', 'benchmark_sessions',
            'latency_stats']
@@ -158,10 +160,7 @@ def benchmark_sessions(sessions: Sequence,
     for run_once in runners:
         for _ in range(warmup):
             run_once()
-    bar = None
-    if progress:
-        from mmengine.utils import ProgressBar
-        bar = ProgressBar(runs)
+    bar = Progress(runs, 'runs', prefix='benchmark: ') if progress else None
     times = [[] for _ in runners]
     order = list(range(len(runners)))
     for i in range(runs):
@@ -172,8 +171,7 @@ def benchmark_sessions(sessions: Sequence,
         if bar is not None:
             bar.update()
     if bar is not None:
-        bar.file.write('\n')
-        bar.file.flush()
+        bar.close()
     batch = int(input_array.shape[0])
     results = []
     for session, t in zip(sessions, times):

@@ -51,6 +51,7 @@ from torch import nn
 
 from .benchmark import (_CPU, _CUDA_MEMORY_PROVIDERS, create_session,
                         require_onnxruntime, session_options)
+from ..utils.progress import Progress
 from .layer_specs import build_layer, spec_axes, spec_id
 from .onnx_export import DEFAULT_OPSET, ExportError
 from .rewrites import exportable_modules
@@ -281,33 +282,6 @@ class LayerTimer:
         shutil.rmtree(self._tmp, ignore_errors=True)
 
 
-class _Progress:
-    """mmengine ProgressBar on a terminal; otherwise a log line every 10%
-    (a progress bar in a log file would write one line per update)."""
-
-    def __init__(self, total, logger):
-        import sys
-        self.total, self.done, self.logger, self.next = total, 0, logger, 0.1
-        self.bar = None
-        if logger is None and sys.stdout.isatty() and total:
-            from mmengine.utils import ProgressBar
-            self.bar = ProgressBar(total)
-
-    def update(self, n):
-        self.done += n
-        if self.bar is not None:
-            for _ in range(n):
-                self.bar.update()
-        elif self.done >= self.next * self.total:
-            print_log(f'latency table: {self.done}/{self.total} graphs timed',
-                      logger=self.logger or 'current')
-            self.next = np.floor(self.done / self.total * 10 + 1) / 10
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.file.write('\n')
-
-
 class _FullModel:
     """The whole model, run a few times after each layer spec so that its
     latency is sampled under the same machine load as the layers'."""
@@ -367,8 +341,9 @@ def measure_table(fwd: nn.Module, example: torch.Tensor, found: dict,
         attn_ids[key] = spec_id(s)
         specs[spec_id(s)] = s
     grids = {sid: spec_axes(s, samples, block) for sid, s in specs.items()}
-    progress = _Progress(sum(int(np.prod([len(a) for a in g]))
-                             for g in grids.values()), logger)
+    progress = Progress(sum(int(np.prod([len(a) for a in g]))
+                            for g in grids.values()), 'graphs timed', logger,
+                        prefix='latency table: ')
     per_spec = -(-full_runs // max(len(specs), 1))
     out = {}
     for sid, spec in specs.items():
