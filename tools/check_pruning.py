@@ -72,7 +72,9 @@ def drop_pretrained(cfg):
                     v.get('type') == 'Pretrained':
                 continue
             out[k] = drop_pretrained(v)
-        return type(cfg)(out) if not hasattr(cfg, 'to_dict') else out
+        # models read their sub-configs as attributes (train_cfg.rpn)
+        from mmengine.config import ConfigDict
+        return ConfigDict(out)
     if isinstance(cfg, (list, tuple)):
         return type(cfg)(drop_pretrained(v) for v in cfg)
     return cfg

@@ -74,16 +74,19 @@ class TensorInfo:
             parameter axis behind tensor axis ``i`` (None if mixed).
         lin: name of the stop op whose output this tensor is a pure view of
             (reshape/permute only), used to fold attention scales.
+        zero: the tensor is identically zero (``x * 0``, ``new_zeros``):
+            adding it keeps removed channels at zero.
     """
-    __slots__ = ('ids', 'z', 'src', 'lin')
+    __slots__ = ('ids', 'z', 'src', 'lin', 'zero')
 
     def __init__(self, ids: np.ndarray, z: bool = True,
                  src: Optional[Dict[str, Tuple]] = None,
-                 lin: Optional[str] = None):
+                 lin: Optional[str] = None, zero: bool = False):
         self.ids = ids
         self.z = z
         self.src = src or {}
         self.lin = lin
+        self.zero = zero
 
     @property
     def has_ids(self) -> bool:

@@ -47,7 +47,8 @@ def _fold_attention_scales(model, comb, keep):
 
 # shape arguments of reshaping calls (one level of nested parentheses)
 _SHAPE_CALL = re.compile(r'\b(?:reshape|view|unflatten|expand|split|'
-                         r'split_with_sizes)\('
+                         r'split_with_sizes|new_zeros|new_empty|new_full|'
+                         r'new_ones|zeros|empty|full|ones)\('
                          r'(?:[^()]|\([^()]*\))*\)')
 
 

@@ -76,13 +76,17 @@ def elementwise(tr, operands, out, kind):
     infos = [aligned(tr.info(o), nd) if is_tensor(o) else None
              for o in operands]
     carriers = [i for i in infos if i is not None and i.has_ids]
+    zeros = [o == 0 if i is None else i.zero for o, i in zip(operands, infos)]
     if not carriers:
         src = {}
         for i in infos:
             if i is not None:
                 src.update(i.src)
         zs = [i.z for i in infos if i is not None]
-        return TensorInfo(empty_ids(nd), all(zs) if zs else True, src)
+        zero = any(zeros) if kind == 'mul' else \
+            zeros[0] if kind == 'div' else all(zeros)
+        return TensorInfo(empty_ids(nd), all(zs) if zs else True, src,
+                          zero=zero)
     shape = np.broadcast_shapes(*[c.ids.shape for c in carriers])
     ids = np.broadcast_to(carriers[0].ids, shape)
     for c in carriers[1:]:
@@ -95,6 +99,9 @@ def elementwise(tr, operands, out, kind):
     for o, i in zip(operands, infos):
         if i is None:  # python scalar
             zs.append(kind in ('mul', 'div') or o == 0)
+            continue
+        if i.zero and not i.has_ids:  # adding zeros keeps zeros
+            zs.append(True)
             continue
         if not i.has_ids:
             width = o.shape[ch - (nd - o.dim())] \
@@ -150,14 +157,17 @@ def reduce_rule(tr, args, kwargs, out):
     info = tr.info(x)
     dims = args[1] if len(args) > 1 and not isinstance(args[1], bool) \
         else kwargs.get('dim', None)
-    if tr.current_op in ('norm', 'linalg_vector_norm', 'std', 'var'):
+    if tr.current_op in ('norm', 'linalg_vector_norm'):  # (x, p, dim)
         dims = kwargs.get('dim', args[2] if len(args) > 2 else None)
     if dims is None or (isinstance(dims, (list, tuple)) and not dims):
         dims = list(range(x.dim()))
     dims = [dims] if isinstance(dims, int) else list(dims)
     dims = [d % x.dim() for d in dims]
+    # a sum or a norm over channels that are zero when removed is exact:
+    # zeros add nothing (a mean, max or variance would change)
+    exact = info.z and tr.current_op in ('sum', 'norm', 'linalg_vector_norm')
     for d in dims:
-        if not classes_identical_along(tr, info.ids, d):
+        if not exact and not classes_identical_along(tr, info.ids, d):
             tr.freeze(info.ids, f'{tr.current_op} reduces over a channel axis')
     outs = out if isinstance(out, (tuple, list)) else [out]
     res = []
@@ -166,6 +176,8 @@ def reduce_rule(tr, args, kwargs, out):
             res.append(None)
             continue
         ids = info.ids
+        if any(ids.shape[d] > 1 for d in dims):  # the channel axis goes
+            ids = np.full(ids.shape, -1, dtype=np.int64)
         for d in sorted(dims, reverse=True):
             ids = np.take(ids, [0], axis=d)
         if o.dim() != x.dim():  # keepdim=False

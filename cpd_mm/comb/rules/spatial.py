@@ -90,9 +90,9 @@ def flip_rule(tr, args, kwargs, out):
 @rule('fill_', 'zero_')
 def fill_rule(tr, args, kwargs, out):
     """In place, every entry becomes one value: no channels are left."""
-    return TensorInfo(empty_ids(args[0].dim()), tr.current_op == 'zero_' or
-                      (len(args) > 1 and not is_tensor(args[1]) and
-                       args[1] == 0))
+    zero = tr.current_op == 'zero_' or (
+        len(args) > 1 and not is_tensor(args[1]) and args[1] == 0)
+    return TensorInfo(empty_ids(args[0].dim()), zero, zero=zero)
 
 
 @rule('index_select', 'gather')

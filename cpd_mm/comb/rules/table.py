@@ -9,17 +9,17 @@ name.
 import numpy as np
 import torch
 
-from ..space import TensorInfo
+from ..space import TensorInfo, empty_ids
 
 # op-name -> rule; names are aten overload packets ("add", "view", ...)
 RULES = {}
 
 # ops whose outputs carry no channels and that read none
 NO_CHANNEL_OPS = {
-    'zeros', 'ones', 'empty', 'full', 'arange', 'zeros_like', 'ones_like',
+    'ones', 'empty', 'full', 'arange', 'ones_like',
     'empty_like', 'full_like', 'rand', 'randn', 'rand_like', 'randn_like',
     'scalar_tensor', 'linspace', 'bernoulli', 'bernoulli_', 'uniform_',
-    'normal_', 'new_zeros', 'new_ones', 'new_empty', 'new_full', 'sym_size',
+    'normal_', 'new_ones', 'new_empty', 'new_full', 'sym_size',
     'sym_numel', 'sym_stride', 'is_same_size', '_local_scalar_dense', 'item',
     'eye', 'tril', 'triu', 'randint', 'randperm', 'empty_strided', 'zero_',
     'argmax', 'argmin', 'sort', 'topk', '_assert_async', 'argsort', 'any',
@@ -59,4 +59,10 @@ def aligned(info, ndim):
     """``info`` broadcast to rank ``ndim`` (leading axes of size 1)."""
     ids = info.ids.reshape((1, ) * (ndim - info.ids.ndim) + info.ids.shape)
     src = {n: (None, ) * (ndim - len(m)) + m for n, m in info.src.items()}
-    return TensorInfo(ids, info.z, src, info.lin)
+    return TensorInfo(ids, info.z, src, info.lin, info.zero)
+
+
+@rule('zeros', 'zeros_like', 'new_zeros')
+def zeros_rule(tr, args, kwargs, out):
+    """A tensor of zeros: no channels, and adding it changes nothing."""
+    return TensorInfo(empty_ids(out.dim()), True, zero=True)

@@ -250,3 +250,36 @@ def cat_rule(tr, args, kwargs, out):
     return TensorInfo(ids, all(i.z or not i.has_ids and not i.src
                                for i in infos) and
                       all(i.has_ids or ch == dim for i in infos))
+
+
+@rule('index_put_', 'index_put', '_index_put_impl_')
+def index_put_rule(tr, args, kwargs, out):
+    """``dst[idx] = values`` on leading axes (RoI features filled level by
+    level): ``dst`` takes the channels of ``values`` on the other axes. A
+    buffer made without channels (``new_zeros(n, self.out_channels, ...)``)
+    records its width, so that attribute follows pruning."""
+    dst, indices, values = args[0], list(args[1]), args[2]
+    di, vi = tr.info(dst), tr.info(values)
+    dims = [d for d, i in enumerate(indices) if i is not None]
+    if not vi.has_ids:
+        return TensorInfo(di.ids, di.z and vi.z, di.src)
+    if dims != list(range(len(dims))) or values.dim() > dst.dim() - \
+            len(dims) + 1:
+        tr.freeze(vi.ids, 'index_put with channels on indexed axes')
+        return TensorInfo(di.ids, False)
+    # values: (K, *dst.shape[len(dims):]) -> the trailing axes of dst
+    vids = vi.ids.reshape((1, ) * (dst.dim() - len(dims) + 1 - vi.ids.ndim)
+                          + vi.ids.shape)
+    if vids.shape[0] > 1:
+        tr.freeze(vi.ids, 'index_put with channels on indexed axes')
+        return TensorInfo(di.ids, False)
+    ids = vids.reshape((1, ) * len(dims) + vids.shape[1:])
+    if di.has_ids:
+        shp = np.broadcast_shapes(di.ids.shape, ids.shape)
+        tr.uf.union(np.broadcast_to(di.ids, shp), np.broadcast_to(ids, shp))
+        ids = np.where(np.broadcast_to(di.ids, shp) >= 0,
+                       np.broadcast_to(di.ids, shp), np.broadcast_to(ids, shp))
+    else:
+        tr.record_view(dst, ids)
+    return TensorInfo(canonical(np.ascontiguousarray(ids), tr.uf),
+                      di.z and vi.z)
