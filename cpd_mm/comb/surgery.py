@@ -62,9 +62,28 @@ def _forward_source(module):
     return '\n'.join(_SHAPE_CALL.findall(src))
 
 
+def _owners(model, comb, module, atoms):
+    """``module`` and its descendants that own some of ``atoms``' channels
+    (a record inside them reads or writes them): where a shape argument
+    such as ``block.out_channels`` may live."""
+    chans = set(comb.channels(atoms).ravel().tolist()) - {-1}
+    prefix = module + '.' if module else ''
+    owners = {module}
+    for name, rec in comb.records.items():
+        if name.startswith(prefix) and any(
+                chans & set(comb.channels(a).ravel().tolist())
+                for a in rec.atom_arrays().values()):
+            parts = name[len(prefix):].split('.')
+            owners |= {prefix + '.'.join(parts[:i])
+                       for i in range(1, len(parts) + 1)}
+    return sorted(owners)
+
+
 def _update_view_attributes(model, comb, keep):
     """Reshape targets and split sizes read from module attributes must
-    follow the pruning."""
+    follow the pruning: integer attributes equal to the old size, of the
+    module that reshapes or of a descendant owning those channels, whose
+    name appears in a shape argument of the reshaping module's code."""
     changes = {}
     for v in comb.views:
         new = int(keep(v.atoms).sum())
@@ -72,16 +91,18 @@ def _update_view_attributes(model, comb, keep):
             continue
         m = model.get_submodule(v.module) if v.module else model
         src = _forward_source(m)
-        cands = [k for k, val in vars(m).items()
-                 if type(val) is int and val == v.size and
-                 re.search(r'\.%s\b' % re.escape(k), src)]
-        for k in cands:
-            key = (v.module, k)
-            if changes.get(key, new) != new:
-                raise RuntimeError(
-                    f'{v.module}.{k} would need two sizes '
-                    f'({changes[key]} and {new}) after pruning')
-            changes[key] = new
+        for owner in _owners(model, comb, v.module, v.atoms):
+            om = model.get_submodule(owner) if owner else model
+            for k, val in vars(om).items():
+                if type(val) is not int or val != v.size or \
+                        not re.search(r'\.%s\b' % re.escape(k), src):
+                    continue
+                key = (owner, k)
+                if changes.get(key, new) != new:
+                    raise RuntimeError(
+                        f'{owner}.{k} would need two sizes '
+                        f'({changes[key]} and {new}) after pruning')
+                changes[key] = new
     for sp in comb.split_sizes:
         new = [int(keep(a).sum()) for a in sp.parts]
         if new == sp.sizes:

@@ -12,15 +12,27 @@ from .table import aligned, is_tensor, rule
 @rule('bmm', 'mm', 'matmul')
 def matmul_rule(tr, args, kwargs, out):
     a, b = args[0], args[1]
-    if tr.is_param_like(a) or tr.is_param_like(b):
-        return None  # functional linear with a weight: unknown stop op
+    # a parameter operand (a functional linear's weight, a position table)
+    # is a passenger of the channels it is contracted with; its other axis
+    # gives channels that stay
     ia, ib = tr.info(a), tr.info(b)
     nd = max(a.dim(), b.dim())
     A, B = aligned(ia, nd).ids, aligned(ib, nd).ids
     ka = np.take(A, [0], axis=nd - 2)  # contraction: a[..., k], b[..., k, :]
     kb = np.swapaxes(np.take(B, [0], axis=nd - 1), -1, -2)
     a_ch, b_ch = channel_axis(tr.uf.find(A)), channel_axis(tr.uf.find(B))
-    if (a_ch == nd - 1 or b_ch == nd - 2) and (ia.has_ids or ib.has_ids):
+    K = a.shape[-1]
+    if (a_ch == nd - 1) != (b_ch == nd - 2) and K > 1:
+        # channels meet a fixed-width operand (a table, a derived weight):
+        # its rows must go with them, or the channels stay
+        ch_info, other, oax = (ia, ib, b.dim() - 2) if a_ch == nd - 1 \
+            else (ib, ia, a.dim() - 1)
+        line = along(ch_info.ids, -1 if a_ch == nd - 1 else -2, K)
+        tr.attach_line(other, line, oax, 'matmul')
+        if not ch_info.z:
+            tr.freeze(line, 'matmul sums channels that are not zero when '
+                      'gated')
+    elif a_ch == nd - 1 or b_ch == nd - 2:
         shp = np.broadcast_shapes(ka.shape, kb.shape)
         tr.uf.union(np.broadcast_to(ka, shp), np.broadcast_to(kb, shp))
         if not (ia.z or ib.z):

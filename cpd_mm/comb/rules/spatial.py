@@ -118,10 +118,16 @@ def index_rule(tr, args, kwargs, out):
     x, indices = args[0], list(args[1])
     info = tr.info(x)
     dims = [d for d, i in enumerate(indices) if i is not None]
+    adjacent = dims == list(range(dims[0], dims[0] + len(dims)))
     if not info.has_ids:
-        return TensorInfo(empty_ids(out.dim()), info.z)
+        src = {}
+        if adjacent:  # a table indexed by positions keeps its other axes
+            n_new = out.dim() - (x.dim() - len(dims))
+            src = {n: m[:dims[0]] + (None, ) * n_new + m[dims[-1] + 1:]
+                   for n, m in info.src.items()}
+        return TensorInfo(empty_ids(out.dim()), info.z, src)
     _moves_channels(tr, x, dims, 'indexing')
-    if dims != list(range(dims[0], dims[0] + len(dims))):
+    if not adjacent:
         tr.freeze(info.ids, 'indexing on non-adjacent axes')
         return TensorInfo(empty_ids(out.dim()), True)
     n_new = out.dim() - (x.dim() - len(dims))

@@ -154,22 +154,35 @@ def slice_rule(tr, args, kwargs, out):
     return TensorInfo(ids, info.z, src, info.lin)
 
 
-def _split_parts(tr, x, sizes, dim, out):
+def _tie_chunks(tr, line, c, r, n):
+    """``split(x, c)`` into ``n`` chunks: n - 1 of ``c``, the last of
+    ``r`` (r <= c). Position j of every chunk is one channel, and so are
+    positions j, j + r, j + 2r ... of the full chunks: every channel keeps
+    a position in the last chunk, so after pruning the chunks are
+    ``[c', ..., c', r']`` with 0 < r' <= c' and ``split(x, c')`` cuts them
+    again."""
+    pos = np.arange(c) % r
+    rows = [line[k * c + np.arange(c)] for k in range(n - 1)]
+    rows.append(line[(n - 1) * c + pos])
+    for row in rows:
+        tr.uf.union(rows[-1], row)
+
+
+def _split_parts(tr, x, sizes, dim, out, by_size):
     info = tr.info(x)
     dim = dim % x.dim()
     ids = info.ids
     ch = channel_axis(tr.uf.find(ids))
     on_channels = ch == dim and ids.shape[dim] > 1
-    if on_channels and len(set(sizes)) == 1 and len(sizes) > 1:
-        # equal chunks (chunk(n), split(x.shape[1] // n)) stay equal after
-        # pruning only if every chunk loses the same positions: tie
-        # position j of every chunk together
-        n = len(sizes)
-        shp = list(ids.shape)
-        shp[dim:dim + 1] = [n, sizes[0]]
-        canonical(ids.reshape(shp), tr.uf)
-    # unequal chunks are pruned independently; surgery updates the module
-    # attributes that hold their sizes (verification freezes the rest)
+    n = len(sizes)
+    if on_channels and by_size and n > 1 and \
+            len(set(sizes[:-1])) == 1 and sizes[-1] <= sizes[0]:
+        # split(x, c) (or equal chunks): every chunk keeps the same number
+        # of channels, the last one at most as many (see _tie_chunks)
+        _tie_chunks(tr, along(ids, dim, x.shape[dim]), sizes[0], sizes[-1],
+                    n)
+    # sizes given one by one are pruned independently; surgery updates the
+    # module attributes that hold them (verification freezes the rest)
     res, start, parts = [], 0, []
     for s, o in zip(sizes, out):
         if ids.shape[dim] > 1:
@@ -195,7 +208,10 @@ def split_rule(tr, args, kwargs, out):
     x = args[0]
     dim = args[2] if len(args) > 2 else kwargs.get('dim', 0)
     sizes = [o.shape[dim] for o in out]
-    return _split_parts(tr, x, sizes, dim, out)
+    by_size = tr.current_op not in ('split_with_sizes',
+                                    'split_with_sizes_copy') or \
+        len(set(sizes)) == 1
+    return _split_parts(tr, x, sizes, dim, out, by_size)
 
 
 @rule('unbind')
