@@ -1,11 +1,14 @@
-"""Time to trace and group a model: cpd_mm's comb vs Torch-Pruning.
+"""Time to trace and group a model: cpd_mm's comb (with and without its
+self-verification) vs Torch-Pruning.
 
     pip install -e .[benchmark]        # torch-pruning
     python benchmarks/comb_speed.py [--runs 5] [--json out.json]
 
-Both run in this process on the same model instances: cpd_mm's
-``comb_model`` and Torch-Pruning's ``DependencyGraph().build_dependency``
-(plus its group enumeration, the part that corresponds to cpd_mm's groups).
+All run in this process on the same model instances: cpd_mm's
+``comb_model(verify=False)`` (the trace), ``comb_model()`` (trace plus
+verification: two random plans, each a gated and a physically pruned
+forward), and Torch-Pruning's ``DependencyGraph().build_dependency`` (plus
+its group enumeration, the part that corresponds to cpd_mm's groups).
 Prints a table of medians and writes JSON.
 """
 import argparse
@@ -67,10 +70,15 @@ def main():
         else:
             fwd = None
         comb_model(model, example_inputs=x)  # warm-up (imports, caches)
-        t_cpd = median_time(lambda: comb_model(model, example_inputs=x),
+        t_cpd = median_time(lambda: comb_model(model, example_inputs=x,
+                                               verify=False), args.runs)
+        t_ver = median_time(lambda: comb_model(model, example_inputs=x),
                             args.runs)
         res = comb_model(model, example_inputs=x)
         row = dict(model=name, input=size, cpd_seconds=t_cpd,
+                   cpd_verify_seconds=t_ver, verify_factor=t_ver / t_cpd,
+                   verify_checks=res.verification.checks,
+                   verify_frozen=res.verification.frozen,
                    cpd_groups=len(res.groups),
                    cpd_prunable=len(res.prunable_groups))
         if tp is not None:
@@ -88,13 +96,15 @@ def main():
                 row['tp_error'] = repr(e)[:200]
         rows.append(row)
         print(row, flush=True)
-    print(f'\n{"model":28s} {"cpd_mm s":>9s} {"TP s":>9s} {"cpd/TP":>7s} '
-          f'{"groups cpd/TP":>14s}')
+    print(f'\n{"model":28s} {"comb s":>7s} {"+verify s":>9s} {"x":>5s} '
+          f'{"TP s":>7s} {"comb/TP":>7s} {"groups cpd/TP":>14s}')
     for r in rows:
         tp_s = f'{r["tp_seconds"]:.3f}' if 'tp_seconds' in r else 'n/a'
         ratio = f'{r["ratio_cpd_over_tp"]:.2f}' if 'tp_seconds' in r else '-'
-        print(f'{r["model"]:28s} {r["cpd_seconds"]:9.3f} {tp_s:>9s} '
-              f'{ratio:>7s} {r["cpd_groups"]:>6d}/{r.get("tp_groups", "-")}')
+        print(f'{r["model"]:28s} {r["cpd_seconds"]:7.3f} '
+              f'{r["cpd_verify_seconds"]:9.3f} {r["verify_factor"]:5.2f} '
+              f'{tp_s:>7s} {ratio:>7s} '
+              f'{r["cpd_groups"]:>6d}/{r.get("tp_groups", "-")}')
     with open(args.json, 'w') as f:
         json.dump(dict(torch=torch.__version__, threads=torch.get_num_threads(),
                        runs=args.runs, rows=rows), f, indent=1)

@@ -253,16 +253,22 @@ class ChannelGates:
 
     def _add_param_patch(self, name, calls) -> bool:
         """Gate ``name``'s output channels through its gate parameters;
-        False if it has none that cover them."""
+        False if it has none that cover them.
+
+        Per call, whichever is smaller is multiplied by the mask: the gate
+        parameters (large batches: a weight is smaller than its output) or
+        the output (a small batch, e.g. verification at batch 1). Both give
+        the same outputs and gradients."""
         m = self.modules[name]
         h, rec = handler_for(m), self.comb.records.get(name)
-        lines = []
+        lines, axes = [], set()
         for ids in calls.values():
             ch = channel_axis(ids)
             if ch is None:
                 return False
             lines.append(along(ids, ch, ids.shape[ch]))
-        if h is None or rec is None or any(
+            axes.add(ch - ids.ndim)
+        if h is None or rec is None or len(axes) != 1 or any(
                 not np.array_equal(a, lines[0]) for a in lines[1:]):
             return False
         params = [(pn, ax) for pn, ax in h.site_parameters(m, rec)
@@ -270,19 +276,29 @@ class ChannelGates:
         if not params or any(getattr(m, pn).shape[ax] != len(lines[0])
                              for pn, ax in params):
             return False
+        out_axis = axes.pop()
+        n_param = sum(getattr(m, pn).numel() for pn, _ in params)
         idx = self._index(lines[0])
         gate = [None]  # this module's mask entries, set by set_kept
         self._param_gates.append((gate, idx))
 
         def make():
             def forward(self_, *args, **kwargs):
+                x = args[0] if args else next(iter(kwargs.values()))
+                g = gate[0]
+                if x.numel() * len(g) < n_param * x.shape[out_axis]:
+                    # the output is the smaller tensor here
+                    out = type(self_).forward(self_, *args, **kwargs)
+                    shape = [1] * out.dim()
+                    shape[out_axis] = -1
+                    return out * g.view(shape).to(out)
                 saved = {}
                 for pn, ax in params:
                     p = self_._parameters[pn]
                     shape = [1] * p.dim()
                     shape[ax] = -1
                     saved[pn] = p
-                    self_._parameters[pn] = p * gate[0].view(shape).to(p)
+                    self_._parameters[pn] = p * g.view(shape).to(p)
                 try:
                     return type(self_).forward(self_, *args, **kwargs)
                 finally:

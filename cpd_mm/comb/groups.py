@@ -118,12 +118,11 @@ class CombResult:
     # ------------------------------------------------------------ building
     def _build(self, tracer):
         frozen = np.zeros(self.num_channels, dtype=bool)
-        why = defaultdict(set)
+        frozen_by = []  # (channels, reason)
         for f in tracer.frozen:
             c = self.channels(f.atoms)
             frozen[c] = True
-            for k in np.unique(c):
-                why[int(k)].add(f.reason)
+            frozen_by.append((np.unique(c), f.reason))
         self.frozen_channels = frozen
         # groups: unite channels appearing in the same producer output
         guf = UnionFind()
@@ -164,10 +163,15 @@ class CombResult:
             names.add(name)
             g = ChannelGroup(name, np.asarray(chans, dtype=np.int64))
             g.frozen = frozen[g.channels]
-            g.reasons = sorted(set().union(*[why[c] for c in chans]))
             self.group_of_channel[g.channels] = len(self.groups)
             self.position_of_channel[g.channels] = np.arange(len(chans))
             self.groups.append(g)
+        reasons = defaultdict(set)
+        for chans, reason in frozen_by:
+            for gi in np.unique(self.group_of_channel[chans]):
+                reasons[int(gi)].add(reason)
+        for gi, g in enumerate(self.groups):
+            g.reasons = sorted(reasons.get(gi, ()))
         # members for reports and importance
         for p in tracer.producers:
             for gi in self._groups_of(p.atoms):

@@ -6,6 +6,8 @@ head dims shrink, and module attributes that the model's own forward code
 uses to reshape (``head_dims``, ``num_channels`` ...) are updated, so that
 forward runs unchanged on the smaller model.
 """
+import copy
+import functools
 import inspect
 import math
 import re
@@ -39,10 +41,14 @@ def _fold_attention_scales(model, comb, keep):
         rows = torch.as_tensor(np.nonzero(np.isin(rec.outputs, q_atoms))[0],
                                device=m.weight.device)
         f = math.sqrt(new_d / d)
-        with torch.no_grad():
-            m.weight[rows] *= f
-            if getattr(m, 'bias', None) is not None:
-                m.bias[rows] *= f
+        for pname in ('weight', 'bias'):  # new tensors: m may share them
+            p = getattr(m, pname, None)
+            if p is None:
+                continue
+            scaled = p.detach().clone()
+            scaled[rows] *= f
+            setattr(m, pname, nn.Parameter(scaled,
+                                           requires_grad=p.requires_grad))
 
 
 # shape arguments of reshaping calls (one level of nested parentheses)
@@ -55,24 +61,34 @@ _SHAPE_CALL = re.compile(r'\b(?:reshape|view|unflatten|expand|split|'
 def _forward_source(module):
     """The reshaping calls in the module's class source (forward and its
     helper methods): only attributes used there are shape arguments."""
+    return _shape_calls(type(module))
+
+
+@functools.lru_cache(maxsize=None)
+def _shape_calls(cls):
+    # reading a class's source parses its whole file: once per class
     try:
-        src = inspect.getsource(type(module))
+        src = inspect.getsource(cls)
     except (OSError, TypeError):
         return ''
     return '\n'.join(_SHAPE_CALL.findall(src))
 
 
-def _owners(model, comb, module, atoms):
+def _record_channels(comb):
+    return {name: np.unique(np.concatenate(
+        [comb.channels(a).ravel() for a in rec.atom_arrays().values()]
+        or [np.zeros(0, np.int64)])) for name, rec in comb.records.items()}
+
+
+def _owners(comb, module, atoms, rec_chans):
     """``module`` and its descendants that own some of ``atoms``' channels
     (a record inside them reads or writes them): where a shape argument
     such as ``block.out_channels`` may live."""
-    chans = set(comb.channels(atoms).ravel().tolist()) - {-1}
+    chans = np.unique(comb.channels(atoms))
     prefix = module + '.' if module else ''
     owners = {module}
-    for name, rec in comb.records.items():
-        if name.startswith(prefix) and any(
-                chans & set(comb.channels(a).ravel().tolist())
-                for a in rec.atom_arrays().values()):
+    for name, rc in rec_chans.items():
+        if name.startswith(prefix) and np.isin(rc, chans).any():
             parts = name[len(prefix):].split('.')
             owners |= {prefix + '.'.join(parts[:i])
                        for i in range(1, len(parts) + 1)}
@@ -84,14 +100,16 @@ def _update_view_attributes(model, comb, keep):
     follow the pruning: integer attributes equal to the old size, of the
     module that reshapes or of a descendant owning those channels, whose
     name appears in a shape argument of the reshaping module's code."""
-    changes = {}
+    changes, rec_chans = {}, None
     for v in comb.views:
         new = int(keep(v.atoms).sum())
         if new == v.size:
             continue
         m = model.get_submodule(v.module) if v.module else model
         src = _forward_source(m)
-        for owner in _owners(model, comb, v.module, v.atoms):
+        if rec_chans is None:
+            rec_chans = _record_channels(comb)
+        for owner in _owners(comb, v.module, v.atoms, rec_chans):
             om = model.get_submodule(owner) if owner else model
             for k, val in vars(om).items():
                 if type(val) is not int or val != v.size or \
@@ -117,6 +135,26 @@ def _update_view_attributes(model, comb, keep):
         m = model.get_submodule(mod) if mod else model
         setattr(m, k, new)
     return changes
+
+
+def structural_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose modules are new but whose parameters,
+    buffers and other attributes are the original objects: enough to prune
+    it (surgery replaces what it changes and never writes into a tensor it
+    did not create), without copying the weights."""
+    memo = {}
+
+    def clone(m):
+        if id(m) not in memo:
+            new = copy.copy(m)  # a new __dict__, the same values
+            memo[id(m)] = new
+            new._parameters = m._parameters.copy()
+            new._buffers = m._buffers.copy()
+            new._modules = type(m._modules)(
+                (k, None if v is None else clone(v))
+                for k, v in m._modules.items())
+        return memo[id(m)]
+    return clone(model)
 
 
 def _set_submodule(model, name, new):

@@ -25,7 +25,7 @@ from torch.utils._pytree import tree_flatten
 from .forward import default_forward
 from .gates import ChannelGates
 from .groups import CombResult
-from .surgery import prune_model
+from .surgery import prune_model, structural_copy
 
 FAILED = 'failed exactness check'
 
@@ -110,7 +110,7 @@ class _Checker:
         finally:
             gates.remove()
         try:
-            small = prune_model(copy.deepcopy(model), self.comb, kept)
+            small = prune_model(structural_copy(model), self.comb, kept)
             with torch.no_grad():
                 pruned = _outputs(small, x, self.forward)
         except Exception as e:

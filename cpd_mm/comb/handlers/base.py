@@ -138,7 +138,7 @@ def keep_param(module: nn.Module, pname: str, axis: int,
     if p is None:
         return
     idx = torch.as_tensor(np.nonzero(keep)[0], device=p.device)
-    new = torch.index_select(p.data, axis, idx).clone()
+    new = torch.index_select(p.data, axis, idx)  # a new tensor
     if isinstance(p, nn.Parameter):
         setattr(module, pname, nn.Parameter(new,
                                             requires_grad=p.requires_grad))
