@@ -1,0 +1,277 @@
+"""One model of the zoo: build, comb, prune at random, compare (in-process).
+
+:func:`check_model` is what ``benchmarks/zoo_coverage.py`` runs in a
+subprocess per model and what ``tests/test_zoo_coverage.py`` calls directly.
+It uses only cpd_mm's public API (``comb_model``, ``default_forward``,
+``ChannelGates``, ``prune_model``, ``CostModel``) and the random plan of
+``tools/check_pruning.py``, so it checks exactly what a user gets.
+
+Statuses: ``exact``, ``differs`` (max relative difference above the
+tolerance, or output shapes differ), ``raises`` (gating, surgery or the
+pruned forward raised), ``comb fails``, ``build fails`` (the model cannot be
+built or does not run at any tried input size), ``skipped``.
+"""
+import copy
+import importlib.util
+import inspect
+import os.path as osp
+import re
+import time
+import traceback
+
+import numpy as np
+import torch
+from torch.utils._pytree import tree_flatten
+
+REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+TOL = {torch.float64: 1e-6, torch.float32: 1e-4}
+
+
+def _tool(name):
+    """``tools/<name>.py`` as a module (tools/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(
+        f'_cpd_tool_{name}', osp.join(REPO, 'tools', f'{name}.py'))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def short_error(e: BaseException, limit: int = 240) -> dict:
+    """Exception type, first line of its message, and where it was raised:
+    the innermost frame, and the innermost frame inside cpd_mm."""
+    msg = str(e).strip().split('\n')[0]
+    if len(msg) > limit:
+        msg = msg[:limit] + '...'
+    frames = traceback.extract_tb(e.__traceback__)
+    where = cpd = ''
+    if frames:
+        f = frames[-1]
+        where = f'{_short_path(f.filename)}:{f.lineno} {f.name}'
+        own = [f for f in frames if '/cpd_mm/' in f.filename]
+        if own:
+            cpd = f'{_short_path(own[-1].filename)}:{own[-1].lineno} ' \
+                  f'{own[-1].name}'
+    return dict(error=f'{type(e).__name__}: {msg}', where=where,
+                cpd_where=cpd)
+
+
+def _short_path(path):
+    for marker in ('site-packages/', '/cpd_mm/', '/benchmarks/'):
+        if marker in path:
+            tail = path.split(marker, 1)[1]
+            return ('cpd_mm/' + tail) if marker == '/cpd_mm/' else tail
+    return osp.basename(path)
+
+
+def reason_kind(reason: str) -> str:
+    """A frozen reason with module paths and numbers replaced by ``*``, so
+    that reasons from different layers of one construct add up."""
+    r = re.sub(r'\b[\w]+(\.[\w\']+)+', '*', reason)
+    r = re.sub(r'\[[\d, ]+\]', '[*]', r)
+    return re.sub(r'\b\d+\b', '*', r)
+
+
+def outputs(model, x):
+    """Tensors of ``default_forward`` (auxiliary heads included)."""
+    from cpd_mm.comb import default_forward
+    out = default_forward(model, x)
+    return [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+
+
+def comb_kwargs(verify):
+    """``verify=...`` for comb_model when it accepts one; ``None`` keeps
+    comb_model's own default. Returns (kwargs, effective verify or None)."""
+    from cpd_mm.comb import comb_model
+    params = inspect.signature(comb_model).parameters
+    if 'verify' not in params:
+        return {}, None
+    if verify is None:
+        default = params['verify'].default
+        return {}, default if isinstance(default, bool) else None
+    return dict(verify=bool(verify)), bool(verify)
+
+
+def channel_count(comb):
+    """Number of channels of a CombResult (``num_classes`` before the rename
+    the lead plans, ``num_channels`` after)."""
+    for attr in ('num_channels', 'num_classes'):
+        if hasattr(comb, attr):
+            return int(getattr(comb, attr))
+    raise AttributeError('CombResult has neither num_channels nor num_classes')
+
+
+def _frozen_count(comb):
+    frozen = getattr(comb, 'frozen_channels', None)
+    if frozen is None or callable(frozen):
+        frozen = comb.frozen_classes
+    return int(np.asarray(frozen).sum())
+
+
+def _max_rel_diff(ys, zs):
+    if len(ys) != len(zs):
+        return None, f'{len(ys)} outputs vs {len(zs)}'
+    worst = 0.0
+    for a, b in zip(ys, zs):
+        if a.shape != b.shape:
+            return None, f'output shape {tuple(a.shape)} vs {tuple(b.shape)}'
+        d = float((a - b).abs().max() / a.abs().max().clamp_min(1e-12))
+        if d != d:  # NaN
+            return None, 'NaN in outputs'
+        worst = max(worst, d)
+    return worst, ''
+
+
+def _mmengine_flops(model, x):
+    from mmengine.analysis import get_model_complexity_info
+    return get_model_complexity_info(model, inputs=(x, ), show_table=False,
+                                     show_arch=False)['flops']
+
+
+def _runs(fn, model, x):
+    try:
+        with torch.no_grad():
+            fn(model, x)
+        return ''
+    except Exception as e:  # noqa: BLE001 -- any failure means "try next"
+        return short_error(e)['error']
+
+
+def _own_forward(model, x):
+    """The model's own tensor path (``mode='tensor'`` for OpenMMLab)."""
+    return model(x)
+
+
+def pick_input(model, sizes, channels=3):
+    """Pick the input: the first side of ``sizes`` at which the model's own
+    forward runs in float32, and the dtype (float64 where
+    :func:`default_forward` runs in it). Returns (side or None, dtype,
+    notes on what failed)."""
+    tried = []
+    model.float()
+    for s in sizes:
+        x = torch.randn(1, channels, s, s)
+        err = _runs(_own_forward, model, x)
+        if not err:
+            break
+        tried.append(f'{s}: {err}')
+    else:
+        return None, None, tried
+    err = _runs(outputs, model, x)
+    if err:  # comb will fail on it too, with its traceback: let it
+        tried.append(f'default_forward at {s}: {err}')
+        return s, torch.float32, tried
+    model.double()
+    err = _runs(outputs, model, x.double())
+    if err:
+        model.float()
+        tried.append(f'float64 at {s}: {err}')
+        return s, torch.float32, tried
+    return s, torch.float64, tried
+
+
+def check_model(entry, verify=None, ratio=0.5, seed=0, mmengine_flops=True,
+                dtype=None, log=print):
+    """Run the exactness check on one zoo entry; returns a JSON-able dict.
+
+    Args:
+        entry: a :class:`zoo_models.Entry`.
+        verify: passed to ``comb_model(verify=...)`` if it accepts it;
+            ``None`` leaves comb_model's default.
+        ratio: share of every prunable group removed at random.
+        dtype: force a dtype (default: float64 where the model runs in it).
+        mmengine_flops: also measure the FLOPs ratio with mmengine's counter.
+    """
+    from cpd_mm.comb import comb_model, default_forward
+    from cpd_mm.prune import ChannelGates, CostModel, prune_model
+    res = dict(key=entry.key, codebase=entry.codebase, family=entry.family,
+               model=entry.name, status='', ratio=ratio, seed=seed)
+    if entry.skip:
+        res.update(status='skipped', error=entry.skip)
+        return res
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    try:
+        model = entry.build()
+    except Exception as e:  # noqa: BLE001 -- recorded, the run goes on
+        res.update(status='build fails', **short_error(e))
+        return res
+    model.eval()
+    res['build_s'] = round(time.perf_counter() - t0, 2)
+    res['params'] = sum(p.numel() for p in model.parameters())
+    sizes = entry.sizes(model)
+    size, dt, tried = pick_input(model, sizes, entry.in_channels)
+    if tried:
+        res['input_notes'] = tried
+    if size is None:
+        res.update(status='build fails', error='does not run at sizes '
+                   f'{sizes}: {tried[-1]}')
+        return res
+    if dtype is not None and dtype != dt:
+        dt = dtype
+    model.to(dt)
+    res.update(input=size, dtype=str(dt).replace('torch.', ''),
+               tol=TOL[dt])
+    log(f'{entry.key}: input {size}x{size} {res["dtype"]}, '
+        f'{res["params"] / 1e6:.2f} M params')
+    x = torch.randn(1, entry.in_channels, size, size, dtype=dt)
+    kwargs, res['verify'] = comb_kwargs(verify)
+    try:
+        t0 = time.perf_counter()
+        comb = comb_model(model, example_inputs=x, forward=default_forward,
+                          **kwargs)
+        res['comb_s'] = round(time.perf_counter() - t0, 2)
+    except Exception as e:  # noqa: BLE001
+        res.update(status='comb fails', **short_error(e))
+        return res
+    n = channel_count(comb)
+    res.update(groups=len(comb.groups),
+               prunable_groups=len(comb.prunable_groups), channels=n,
+               frozen=_frozen_count(comb),
+               frozen_reasons=dict(sorted(
+                   comb.frozen_reasons().items(), key=lambda kv: -kv[1])),
+               unhandled_ops=dict(getattr(comb, 'unhandled_ops', {})),
+               uncalled=list(getattr(comb, 'uncalled', []))[:10])
+    # the model's outputs are always frozen: the share counts the rest
+    out_only = sum(int(g.frozen.sum()) for g in comb.groups if g.reasons and all(
+        r.startswith('model output') for r in g.reasons))
+    res['frozen_share'] = (res['frozen'] - out_only) / max(n - out_only, 1)
+    kept = _tool('check_pruning').random_plan(comb, ratio, seed)
+    res['removed'] = int((~kept).sum())
+    try:
+        cost = CostModel(model, comb)
+        res['flops_kept'] = cost.flops(kept) / max(cost.total_flops, 1)
+        res['params_kept_pred'] = int(cost.params(kept))
+    except Exception as e:  # noqa: BLE001
+        res['cost_error'] = short_error(e)['error']
+    stage = 'gating'
+    try:
+        gates = ChannelGates(model, comb)
+        gates.set_kept(kept)
+        with torch.no_grad():
+            y_gated = outputs(model, x)
+        gates.remove()
+        stage = 'surgery'
+        pruned = prune_model(copy.deepcopy(model), comb, kept)
+        res['params_pruned'] = sum(p.numel() for p in pruned.parameters())
+        stage = 'pruned forward'
+        with torch.no_grad():
+            y_pruned = outputs(pruned, x)
+    except Exception as e:  # noqa: BLE001
+        res.update(status='raises', stage=stage, **short_error(e))
+        return res
+    diff, why = _max_rel_diff(y_gated, y_pruned)
+    res['max_rel_diff'] = diff
+    if diff is None:
+        res.update(status='differs', error=why)
+    else:
+        res['status'] = 'exact' if diff <= TOL[dt] else 'differs'
+    if 'params_kept_pred' in res:
+        res['cost_params_exact'] = res['params_kept_pred'] == \
+            res['params_pruned']
+    if mmengine_flops:
+        try:
+            f0 = _mmengine_flops(model, x)
+            res['mmengine_flops_kept'] = _mmengine_flops(pruned, x) / f0
+        except Exception as e:  # noqa: BLE001 -- jit tracing may fail
+            res['mmengine_error'] = short_error(e)['error']
+    return res
