@@ -47,7 +47,9 @@ def short_error(e: BaseException, limit: int = 240) -> dict:
     if frames:
         f = frames[-1]
         where = f'{_short_path(f.filename)}:{f.lineno} {f.name}'
-        own = [f for f in frames if '/cpd_mm/' in f.filename]
+        # default_forward only calls the model: not where cpd_mm failed
+        own = [f for f in frames if '/cpd_mm/' in f.filename
+               and f.name != 'default_forward']
         if own:
             cpd = f'{_short_path(own[-1].filename)}:{own[-1].lineno} ' \
                   f'{own[-1].name}'
@@ -169,6 +171,155 @@ def pick_input(model, sizes, channels=3):
     return s, torch.float64, tried
 
 
+def _leaf_outputs(model, x):
+    """Output of every leaf module in call order: {(name, call): tensor}."""
+    seen, outs, handles = {}, {}, []
+    for name, m in model.named_modules():
+        if next(m.children(), None) is not None:
+            continue
+
+        def hook(mod, args, out, name=name):
+            if isinstance(out, torch.Tensor):
+                k = seen[name] = seen.get(name, -1) + 1
+                outs[(name, k)] = out.detach().clone()
+        handles.append(m.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            outputs(model, x)
+    finally:
+        for h in handles:
+            h.remove()
+    return outs
+
+
+def first_divergence(gated_model, pruned, x, tol):
+    """The first leaf module (call order of the gated model) whose output
+    has the same shape in both models but differs: where a wrong prune
+    shows first. ``gated_model`` must have its gates attached."""
+    a, b = _leaf_outputs(gated_model, x), _leaf_outputs(pruned, x)
+    for key, ya in a.items():
+        yb = b.get(key)
+        if yb is None or ya.shape != yb.shape or ya.dtype != yb.dtype:
+            continue
+        d = float((ya - yb).abs().max() / ya.abs().max().clamp_min(1e-12))
+        if d > tol:
+            return f'{key[0]} (call {key[1]}): rel diff {d:.2e}'
+    return ''
+
+
+def group_ids(g):
+    """Global channel ids of a group (``classes`` before the planned
+    rename)."""
+    for attr in ('channels', 'ids', 'classes'):
+        v = getattr(g, attr, None)
+        if isinstance(v, np.ndarray):
+            return v
+    raise AttributeError('ChannelGroup has no channel id array')
+
+
+def mixed_plan(comb, seed):
+    """Each prunable group loses its own random share in [0.1, 0.9] (never
+    all): shows rules that hold only when coupled groups shrink alike."""
+    rng = np.random.default_rng(seed + 1000)
+    kept = np.ones(channel_count(comb), dtype=bool)
+    for g in comb.groups:
+        free = np.nonzero(~g.frozen)[0]
+        n = min(int(round(len(free) * rng.uniform(0.1, 0.9))), len(free) - 1)
+        if n > 0:
+            kept[group_ids(g)[rng.choice(free, n, replace=False)]] = False
+    return kept
+
+
+def compare(model, comb, kept, x, diagnose=True):
+    """Gate ``model`` with ``kept``, prune a copy, compare the outputs.
+    Returns (result dict, pruned model or None)."""
+    from cpd_mm.prune import ChannelGates, prune_model
+    tol = TOL[x.dtype]
+    out, stage, gates = dict(removed=int((~kept).sum())), 'gating', None
+    try:
+        gates = ChannelGates(model, comb)
+        gates.set_kept(kept)
+        with torch.no_grad():
+            y_gated = outputs(model, x)
+        gates.remove()  # before the copy: hooks would travel with it
+        gates = None
+        stage = 'surgery'
+        pruned = prune_model(copy.deepcopy(model), comb, kept)
+        out['params_pruned'] = sum(p.numel() for p in pruned.parameters())
+        stage = 'pruned forward'
+        with torch.no_grad():
+            y_pruned = outputs(pruned, x)
+    except Exception as e:  # noqa: BLE001
+        out.update(status='raises', stage=stage, **short_error(e))
+        if gates is not None:
+            gates.remove()
+        return out, None
+    diff, why = _max_rel_diff(y_gated, y_pruned)
+    out['max_rel_diff'] = diff
+    if diff is None:
+        out.update(status='differs', error=why)
+    else:
+        out['status'] = 'exact' if diff <= tol else 'differs'
+    if out['status'] == 'differs' and diagnose:
+        gates = ChannelGates(model, comb)
+        gates.set_kept(kept)
+        try:
+            out['first_divergence'] = first_divergence(model, pruned, x, tol)
+        except Exception as e:  # noqa: BLE001 -- diagnosis only
+            out['first_divergence'] = 'n/a: ' + short_error(e)['error']
+        gates.remove()
+    return out, pruned
+
+
+def prune_check(model, x, res, ratio=0.5, seed=0, verify=None,
+                diagnose=True, mixed=True):
+    """Comb ``model`` on ``x``, prune the random plan of
+    tools/check_pruning.py, compare gated and pruned outputs; fills ``res``
+    (status, groups, frozen reasons, FLOPs kept ...; with ``mixed`` also
+    ``res['mixed']`` for a plan with a different share per group) and
+    returns the pruned model (None when a step raised)."""
+    from cpd_mm.comb import comb_model, default_forward
+    from cpd_mm.prune import CostModel
+    kwargs, res['verify'] = comb_kwargs(verify)
+    try:
+        t0 = time.perf_counter()
+        comb = comb_model(model, example_inputs=x, forward=default_forward,
+                          **kwargs)
+        res['comb_s'] = round(time.perf_counter() - t0, 2)
+    except Exception as e:  # noqa: BLE001
+        res.update(status='comb fails', **short_error(e))
+        return None
+    n = channel_count(comb)
+    res.update(groups=len(comb.groups),
+               prunable_groups=len(comb.prunable_groups), channels=n,
+               frozen=_frozen_count(comb),
+               frozen_reasons=dict(sorted(
+                   comb.frozen_reasons().items(), key=lambda kv: -kv[1])),
+               unhandled_ops=dict(getattr(comb, 'unhandled_ops', {})),
+               uncalled=list(getattr(comb, 'uncalled', []))[:10])
+    # the model's outputs are always frozen: the share counts the rest
+    out_only = sum(int(g.frozen.sum()) for g in comb.groups
+                   if g.reasons and all(r.startswith('model output')
+                                        for r in g.reasons))
+    res['frozen_share'] = (res['frozen'] - out_only) / max(n - out_only, 1)
+    kept = _tool('check_pruning').random_plan(comb, ratio, seed)
+    try:
+        cost = CostModel(model, comb)
+        res['flops_kept'] = cost.flops(kept) / max(cost.total_flops, 1)
+        res['params_kept_pred'] = int(cost.params(kept))
+    except Exception as e:  # noqa: BLE001
+        res['cost_error'] = short_error(e)['error']
+    out, pruned = compare(model, comb, kept, x, diagnose)
+    res.update(out)
+    if pruned is not None and 'params_kept_pred' in res:
+        res['cost_params_exact'] = res['params_kept_pred'] == \
+            res['params_pruned']
+    if mixed and res['prunable_groups']:
+        m, _ = compare(model, comb, mixed_plan(comb, seed), x, diagnose)
+        res['mixed'] = m
+    return pruned
+
+
 def check_model(entry, verify=None, ratio=0.5, seed=0, mmengine_flops=True,
                 dtype=None, log=print):
     """Run the exactness check on one zoo entry; returns a JSON-able dict.
@@ -181,8 +332,6 @@ def check_model(entry, verify=None, ratio=0.5, seed=0, mmengine_flops=True,
         dtype: force a dtype (default: float64 where the model runs in it).
         mmengine_flops: also measure the FLOPs ratio with mmengine's counter.
     """
-    from cpd_mm.comb import comb_model, default_forward
-    from cpd_mm.prune import ChannelGates, CostModel, prune_model
     res = dict(key=entry.key, codebase=entry.codebase, family=entry.family,
                model=entry.name, status='', ratio=ratio, seed=seed)
     if entry.skip:
@@ -214,60 +363,10 @@ def check_model(entry, verify=None, ratio=0.5, seed=0, mmengine_flops=True,
     log(f'{entry.key}: input {size}x{size} {res["dtype"]}, '
         f'{res["params"] / 1e6:.2f} M params')
     x = torch.randn(1, entry.in_channels, size, size, dtype=dt)
-    kwargs, res['verify'] = comb_kwargs(verify)
-    try:
-        t0 = time.perf_counter()
-        comb = comb_model(model, example_inputs=x, forward=default_forward,
-                          **kwargs)
-        res['comb_s'] = round(time.perf_counter() - t0, 2)
-    except Exception as e:  # noqa: BLE001
-        res.update(status='comb fails', **short_error(e))
+    pruned = prune_check(model, x, res, ratio=ratio, seed=seed,
+                         verify=verify)
+    if pruned is None:
         return res
-    n = channel_count(comb)
-    res.update(groups=len(comb.groups),
-               prunable_groups=len(comb.prunable_groups), channels=n,
-               frozen=_frozen_count(comb),
-               frozen_reasons=dict(sorted(
-                   comb.frozen_reasons().items(), key=lambda kv: -kv[1])),
-               unhandled_ops=dict(getattr(comb, 'unhandled_ops', {})),
-               uncalled=list(getattr(comb, 'uncalled', []))[:10])
-    # the model's outputs are always frozen: the share counts the rest
-    out_only = sum(int(g.frozen.sum()) for g in comb.groups if g.reasons and all(
-        r.startswith('model output') for r in g.reasons))
-    res['frozen_share'] = (res['frozen'] - out_only) / max(n - out_only, 1)
-    kept = _tool('check_pruning').random_plan(comb, ratio, seed)
-    res['removed'] = int((~kept).sum())
-    try:
-        cost = CostModel(model, comb)
-        res['flops_kept'] = cost.flops(kept) / max(cost.total_flops, 1)
-        res['params_kept_pred'] = int(cost.params(kept))
-    except Exception as e:  # noqa: BLE001
-        res['cost_error'] = short_error(e)['error']
-    stage = 'gating'
-    try:
-        gates = ChannelGates(model, comb)
-        gates.set_kept(kept)
-        with torch.no_grad():
-            y_gated = outputs(model, x)
-        gates.remove()
-        stage = 'surgery'
-        pruned = prune_model(copy.deepcopy(model), comb, kept)
-        res['params_pruned'] = sum(p.numel() for p in pruned.parameters())
-        stage = 'pruned forward'
-        with torch.no_grad():
-            y_pruned = outputs(pruned, x)
-    except Exception as e:  # noqa: BLE001
-        res.update(status='raises', stage=stage, **short_error(e))
-        return res
-    diff, why = _max_rel_diff(y_gated, y_pruned)
-    res['max_rel_diff'] = diff
-    if diff is None:
-        res.update(status='differs', error=why)
-    else:
-        res['status'] = 'exact' if diff <= TOL[dt] else 'differs'
-    if 'params_kept_pred' in res:
-        res['cost_params_exact'] = res['params_kept_pred'] == \
-            res['params_pruned']
     if mmengine_flops:
         try:
             f0 = _mmengine_flops(model, x)

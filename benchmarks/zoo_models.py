@@ -47,7 +47,8 @@ class Entry:
             model = torchvision.models.get_model(self.name, **kw)
         else:
             model = self._build_mm()
-        return model.eval()
+        model.eval()  # some backbones' train() returns None
+        return model
 
     def _build_mm(self):
         from mmengine.config import Config

@@ -28,6 +28,16 @@ def _status(r):
     return s
 
 
+def _mixed(r):
+    m = r.get('mixed')
+    if not m:
+        return ''
+    s = m['status']
+    if s == 'differs' and m.get('max_rel_diff') is not None:
+        s += f' ({m["max_rel_diff"]:.1e})'
+    return s
+
+
 def main_reasons(r, n=2, width=90):
     """The ``n`` frozen reasons holding the most channels, excluding the
     model's output (always frozen)."""
@@ -76,9 +86,8 @@ def summary(results):
         lines.append(f'Exact but keeping > 60% of FLOPs: {over}.')
     kinds = Counter()
     for r in results.values():
-        for reason, count in r.get('frozen_reasons', {}).items():
-            if not reason.startswith('model output'):
-                kinds[reason_kind(reason)] += 1
+        kinds.update({reason_kind(reason) for reason in r.get(
+            'frozen_reasons', {}) if not reason.startswith('model output')})
     if kinds:
         lines.append('')
         lines.append('Frozen reasons by the number of models they occur in '
@@ -90,10 +99,10 @@ def summary(results):
 
 
 def table(results):
-    lines = ['| model | codebase | input | status | frozen | FLOPs kept '
-             '(cost model / mmengine) | comb s | groups (prunable) | '
-             'main frozen reasons (channels) |',
-             '|---|---|---|---|---|---|---|---|---|']
+    lines = ['| model | codebase | input | status | mixed plan | frozen | '
+             'FLOPs kept (cost model / mmengine) | comb s | groups '
+             '(prunable) | main frozen reasons (channels) |',
+             '|---|---|---|---|---|---|---|---|---|---|']
     for key in sorted(results, key=lambda k: (results[k]['codebase'], k)):
         r = results[key]
         flops = _pct(r.get('flops_kept'))
@@ -104,7 +113,8 @@ def table(results):
         inp = f'{r["input"]}' if r.get('input') else ''
         lines.append(
             f'| {r["family"]}: `{r["model"]}` | {r["codebase"]} | {inp} | '
-            f'{_status(r)} | {_pct(r.get("frozen_share"))} | {flops} | '
+            f'{_status(r)} | {_mixed(r)} | {_pct(r.get("frozen_share"))} | '
+            f'{flops} | '
             f'{r.get("comb_s", "")} | {groups} | '
             f'{main_reasons(r).replace("|", "/")} |')
     return lines
@@ -114,14 +124,17 @@ def failures(results):
     lines = []
     for key in sorted(results):
         r = results[key]
-        if r['status'] in ('exact', 'skipped'):
-            continue
-        err = r.get('error', '')
-        where = r.get('cpd_where') or r.get('where') or ''
-        stage = f' in {r["stage"]}' if r.get('stage') else ''
-        lines.append(f'- **{key}** ({r["status"]}{stage}): '
-                     f'{err.replace("|", "/")}' +
-                     (f' — at `{where}`' if where else ''))
+        for plan, x in (('', r), (', mixed plan', r.get('mixed') or {})):
+            if x.get('status', 'exact') in ('exact', 'skipped'):
+                continue
+            err = x.get('error', '')
+            if x.get('first_divergence'):
+                err += f'first differs at {x["first_divergence"]}'
+            where = x.get('cpd_where') or x.get('where') or ''
+            stage = f' in {x["stage"]}' if x.get('stage') else ''
+            lines.append(f'- **{key}** ({x["status"]}{stage}{plan}): '
+                         f'{err.replace("|", "/")}' +
+                         (f' — at `{where}`' if where else ''))
     unhandled = Counter()
     for r in results.values():
         unhandled.update(r.get('unhandled_ops', {}).keys())
