@@ -8,8 +8,9 @@ It uses only cpd_mm's public API (``comb_model``, ``default_forward``,
 
 Statuses: ``exact``, ``differs`` (max relative difference above the
 tolerance, or output shapes differ), ``raises`` (gating, surgery or the
-pruned forward raised), ``comb fails``, ``build fails`` (the model cannot be
-built or does not run at any tried input size), ``skipped``.
+pruned forward raised), ``comb fails``, ``build fails``, ``forward fails``
+(the model's own tensor-mode forward raises at every tried input size:
+an upstream limit, e.g. heads that need data samples), ``skipped``.
 """
 import copy
 import importlib.util
@@ -17,11 +18,11 @@ import inspect
 import os.path as osp
 import re
 import time
-import traceback
 
 import numpy as np
 import torch
-from torch.utils._pytree import tree_flatten
+
+from zoo_util import first_divergence, max_rel_diff, outputs, short_error
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TOL = {torch.float64: 1e-6, torch.float32: 1e-4}
@@ -34,50 +35,6 @@ def _tool(name):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
-
-
-def short_error(e: BaseException, limit: int = 240) -> dict:
-    """Exception type, first line of its message, and where it was raised:
-    the innermost frame, and the innermost frame inside cpd_mm."""
-    msg = str(e).strip().split('\n')[0]
-    if len(msg) > limit:
-        msg = msg[:limit] + '...'
-    frames = traceback.extract_tb(e.__traceback__)
-    where = cpd = ''
-    if frames:
-        f = frames[-1]
-        where = f'{_short_path(f.filename)}:{f.lineno} {f.name}'
-        # default_forward only calls the model: not where cpd_mm failed
-        own = [f for f in frames if '/cpd_mm/' in f.filename
-               and f.name != 'default_forward']
-        if own:
-            cpd = f'{_short_path(own[-1].filename)}:{own[-1].lineno} ' \
-                  f'{own[-1].name}'
-    return dict(error=f'{type(e).__name__}: {msg}', where=where,
-                cpd_where=cpd)
-
-
-def _short_path(path):
-    for marker in ('site-packages/', '/cpd_mm/', '/benchmarks/'):
-        if marker in path:
-            tail = path.split(marker, 1)[1]
-            return ('cpd_mm/' + tail) if marker == '/cpd_mm/' else tail
-    return osp.basename(path)
-
-
-def reason_kind(reason: str) -> str:
-    """A frozen reason with module paths and numbers replaced by ``*``, so
-    that reasons from different layers of one construct add up."""
-    r = re.sub(r'\b[\w]+(\.[\w\']+)+', '*', reason)
-    r = re.sub(r'\[[\d, ]+\]', '[*]', r)
-    return re.sub(r'\b\d+\b', '*', r)
-
-
-def outputs(model, x):
-    """Tensors of ``default_forward`` (auxiliary heads included)."""
-    from cpd_mm.comb import default_forward
-    out = default_forward(model, x)
-    return [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
 
 
 def comb_kwargs(verify):
@@ -109,20 +66,6 @@ def _frozen_count(comb):
     return int(np.asarray(frozen).sum())
 
 
-def _max_rel_diff(ys, zs):
-    if len(ys) != len(zs):
-        return None, f'{len(ys)} outputs vs {len(zs)}'
-    worst = 0.0
-    for a, b in zip(ys, zs):
-        if a.shape != b.shape:
-            return None, f'output shape {tuple(a.shape)} vs {tuple(b.shape)}'
-        d = float((a - b).abs().max() / a.abs().max().clamp_min(1e-12))
-        if d != d:  # NaN
-            return None, 'NaN in outputs'
-        worst = max(worst, d)
-    return worst, ''
-
-
 def _mmengine_flops(model, x):
     from mmengine.analysis import get_model_complexity_info
     return get_model_complexity_info(model, inputs=(x, ), show_table=False,
@@ -141,6 +84,17 @@ def _runs(fn, model, x):
 def _own_forward(model, x):
     """The model's own tensor path (``mode='tensor'`` for OpenMMLab)."""
     return model(x)
+
+
+def rng_dependent(model, x):
+    """Whether the model's output depends on the RNG in eval mode."""
+    try:
+        with torch.no_grad():
+            a, b = outputs(model, x, seed=0), outputs(model, x, seed=1)
+    except Exception:  # noqa: BLE001 -- comb will report it
+        return None
+    diff, _ = max_rel_diff(a, b)
+    return diff is None or diff > 0
 
 
 def pick_input(model, sizes, channels=3):
@@ -169,42 +123,6 @@ def pick_input(model, sizes, channels=3):
         tried.append(f'float64 at {s}: {err}')
         return s, torch.float32, tried
     return s, torch.float64, tried
-
-
-def _leaf_outputs(model, x):
-    """Output of every leaf module in call order: {(name, call): tensor}."""
-    seen, outs, handles = {}, {}, []
-    for name, m in model.named_modules():
-        if next(m.children(), None) is not None:
-            continue
-
-        def hook(mod, args, out, name=name):
-            if isinstance(out, torch.Tensor):
-                k = seen[name] = seen.get(name, -1) + 1
-                outs[(name, k)] = out.detach().clone()
-        handles.append(m.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            outputs(model, x)
-    finally:
-        for h in handles:
-            h.remove()
-    return outs
-
-
-def first_divergence(gated_model, pruned, x, tol):
-    """The first leaf module (call order of the gated model) whose output
-    has the same shape in both models but differs: where a wrong prune
-    shows first. ``gated_model`` must have its gates attached."""
-    a, b = _leaf_outputs(gated_model, x), _leaf_outputs(pruned, x)
-    for key, ya in a.items():
-        yb = b.get(key)
-        if yb is None or ya.shape != yb.shape or ya.dtype != yb.dtype:
-            continue
-        d = float((ya - yb).abs().max() / ya.abs().max().clamp_min(1e-12))
-        if d > tol:
-            return f'{key[0]} (call {key[1]}): rel diff {d:.2e}'
-    return ''
 
 
 def group_ids(g):
@@ -254,7 +172,7 @@ def compare(model, comb, kept, x, diagnose=True):
         if gates is not None:
             gates.remove()
         return out, None
-    diff, why = _max_rel_diff(y_gated, y_pruned)
+    diff, why = max_rel_diff(y_gated, y_pruned)
     out['max_rel_diff'] = diff
     if diff is None:
         out.update(status='differs', error=why)
@@ -320,6 +238,12 @@ def prune_check(model, x, res, ratio=0.5, seed=0, verify=None,
     return pruned
 
 
+def _dtype_error(res):
+    errs = [res.get('error', ''), (res.get('mixed') or {}).get('error', '')]
+    return any(re.search(r'same dtype|expected scalar type|Double and Float',
+                         e or '') for e in errs)
+
+
 def check_model(entry, verify=None, ratio=0.5, seed=0, mmengine_flops=True,
                 dtype=None, log=print):
     """Run the exactness check on one zoo entry; returns a JSON-able dict.
@@ -352,8 +276,8 @@ def check_model(entry, verify=None, ratio=0.5, seed=0, mmengine_flops=True,
     if tried:
         res['input_notes'] = tried
     if size is None:
-        res.update(status='build fails', error='does not run at sizes '
-                   f'{sizes}: {tried[-1]}')
+        res.update(status='forward fails', error='its own forward '
+                   f'(tensor mode) raises at sizes {sizes}: {tried[-1]}')
         return res
     if dtype is not None and dtype != dt:
         dt = dtype
@@ -363,8 +287,21 @@ def check_model(entry, verify=None, ratio=0.5, seed=0, mmengine_flops=True,
     log(f'{entry.key}: input {size}x{size} {res["dtype"]}, '
         f'{res["params"] / 1e6:.2f} M params')
     x = torch.randn(1, entry.in_channels, size, size, dtype=dt)
+    res['rng_dependent'] = rng_dependent(model, x)
+    base = set(res)
     pruned = prune_check(model, x, res, ratio=ratio, seed=seed,
                          verify=verify)
+    if dt == torch.float64 and _dtype_error(res):
+        # cpd_mm's surgery broke float64 (a module rebuilt in the default
+        # dtype): record that, and check the structure in float32
+        f64 = {k: res.pop(k) for k in list(res) if k not in base}
+        model.float()
+        x = x.float()
+        res.update(dtype='float32', tol=TOL[torch.float32],
+                   float64_error=f64.get('error') or
+                   f64.get('mixed', {}).get('error'))
+        pruned = prune_check(model, x, res, ratio=ratio, seed=seed,
+                             verify=verify)
     if pruned is None:
         return res
     if mmengine_flops:

@@ -24,12 +24,13 @@ class Entry:
     """One model of the zoo (see the module docstring)."""
 
     def __init__(self, codebase, family, name, size=None, cfg=None, skip='',
-                 in_channels=3):
+                 in_channels=3, model=None):
         self.codebase, self.family, self.name = codebase, family, name
         short = {'torchvision': 'tv'}.get(codebase, codebase)
         self.key = f'{short}/{family}'
         self.size, self.cfg, self.skip = size, cfg or {}, skip
         self.in_channels = in_channels
+        self.model = model  # a model dict, where the config does not load
         self.native = 224
 
     def __repr__(self):
@@ -51,20 +52,25 @@ class Entry:
         return model
 
     def _build_mm(self):
-        from mmengine.config import Config
+        from mmengine.config import Config, ConfigDict
         from mmengine.registry import MODELS, init_default_scope
         from mmengine.utils import get_installed_path
         import cpd_mm  # noqa: F401 -- registers cpd_mm's modules
         from zoo_check import _tool
-        path = osp.join(get_installed_path(self.codebase), '.mim', 'configs',
-                        self.family, self.name)
-        cfg = Config.fromfile(path)
+        if self.model is not None:
+            cfg = Config(dict(model=self.model, default_scope=self.codebase))
+        else:
+            cfg = Config.fromfile(osp.join(get_installed_path(self.codebase),
+                                           '.mim', 'configs', self.family,
+                                           self.name))
         if self.cfg:
             cfg.merge_from_dict(self.cfg)
         self.native = _native_size(cfg)
         init_default_scope(cfg.get('default_scope', self.codebase))
-        model = MODELS.build(_tool('check_pruning').drop_pretrained(
-            cfg.model))
+        # drop_pretrained returns plain dicts; mmdet heads (MaskFormer)
+        # read their sub-configs as attributes: make it a ConfigDict again
+        model = MODELS.build(ConfigDict(_tool('check_pruning')
+                                        .drop_pretrained(cfg.model)))
         if hasattr(model, 'init_weights'):
             model.init_weights()
         return model
@@ -153,7 +159,14 @@ def _mmpretrain():
         E('mvit', 'mvitv2-tiny_8xb256_in1k.py'),
         E('poolformer', 'poolformer-s12_32xb128_in1k.py'),
         E('regnet', 'regnetx-400mf_8xb128_in1k.py'),
-        E('replknet', 'replknet-31B_32xb64_in1k.py'),
+        # its config imports Python in its base: mmengine refuses to load it
+        E('replknet', 'replknet-31B (model of _base_/models/replknet-31B_in1k'
+          '.py)', model=dict(
+              type='ImageClassifier',
+              backbone=dict(type='RepLKNet', arch='31B', out_indices=(3, )),
+              neck=dict(type='GlobalAveragePooling'),
+              head=dict(type='LinearClsHead', num_classes=1000,
+                        in_channels=1024))),
         E('repmlp', 'repmlp-base_8xb64_in1k.py'),
         E('repvgg', 'repvgg-A0_8xb32_in1k.py'),
         E('res2net', 'res2net50-w14-s8_8xb32_in1k.py'),

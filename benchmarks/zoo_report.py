@@ -7,10 +7,10 @@ a failure section gives each failing model's error and where it was raised.
 """
 from collections import Counter, defaultdict
 
-from zoo_check import reason_kind
+from zoo_util import reason_kind
 
 ORDER = ('exact', 'differs', 'raises', 'comb fails', 'build fails',
-         'timeout', 'crashed', 'skipped')
+         'forward fails', 'timeout', 'crashed', 'skipped')
 FLOPS_BINS = ((0.3, '<= 30%'), (0.45, '30-45%'), (0.6, '45-60%'),
               (0.8, '60-80%'), (1.01, '> 80%'))
 
@@ -23,7 +23,9 @@ def _status(r):
     s = r.get('status', '?')
     if s == 'differs' and r.get('max_rel_diff') is not None:
         s += f' ({r["max_rel_diff"]:.1e})'
-    if r.get('dtype') == 'float32' and s.startswith(('exact', 'differs')):
+    if r.get('float64_error'):
+        s += ' [fp32; float64 raises]'
+    elif r.get('dtype') == 'float32' and s.startswith(('exact', 'differs')):
         s += ' [fp32]'
     return s
 
@@ -135,6 +137,12 @@ def failures(results):
             lines.append(f'- **{key}** ({x["status"]}{stage}{plan}): '
                          f'{err.replace("|", "/")}' +
                          (f' — at `{where}`' if where else ''))
+    f64 = sorted(k for k, r in results.items() if r.get('float64_error'))
+    if f64:
+        lines.append('')
+        lines.append(f'Float64 breaks after surgery (checked in float32 '
+                     f'instead): {", ".join(f64)}: '
+                     f'{results[f64[0]]["float64_error"]}')
     unhandled = Counter()
     for r in results.values():
         unhandled.update(r.get('unhandled_ops', {}).keys())

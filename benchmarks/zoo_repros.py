@@ -102,8 +102,131 @@ def davit_head_width_from_input():
     return _davit(), torch.randn(1, 3, 32, 32)
 
 
+@repro
+def swin_window_attn():
+    """mmpretrain/swin_transformer, glip, simmim: SwinBlock (roll, window
+    partition, relative position bias); WindowMSA reshapes qkv to
+    ``C // num_heads`` with C the input width (mixed plan raises)."""
+    from mmpretrain.models.backbones.swin_transformer import SwinBlock
+    block = SwinBlock(32, num_heads=2, window_size=4, shift=True)
+    return (Between(block, 32, c_in=8, tokens=True,
+                    body_call=lambda b, x: b(x, (8, 8))),
+            torch.randn(1, 64, 8))
+
+
+@repro
+def segnext_mscan():
+    """mmseg/segnext: MSCAN attention module, x * attn(x) where attn sums
+    depthwise convs with large strip kernels (1x7, 7x1, 1x11 ...)."""
+    from mmseg.models.backbones.mscan import MSCASpatialAttention
+    return Between(MSCASpatialAttention(16), 16), torch.randn(1, 3, 16, 16)
+
+
+@repro
+def poolformer_mixer():
+    """mmpretrain/poolformer, mmseg/poolformer: token mixer pool(x) - x
+    inside a block with GroupNorm(1, C) and layer scale."""
+    from mmpretrain.models.backbones.poolformer import PoolFormerBlock
+    return Between(PoolFormerBlock(16), 16), torch.randn(1, 3, 8, 8)
+
+
+@repro
+def tinyvit_split_attrs():
+    """mmpretrain/tinyvit: LeAttention splits qkv per head with
+    ``split([self.key_dim, self.key_dim, self.d], dim=3)``: split sizes
+    read from attributes that surgery does not update."""
+    from mmpretrain.models.utils.attention import LeAttention
+    attn = LeAttention(32, key_dim=16, num_heads=2, attn_ratio=1,
+                       resolution=(4, 4))
+    return Between(attn, 32, c_in=8, tokens=True), torch.randn(1, 16, 8)
+
+
+@repro
+def tnt_mha_without_in_bias():
+    """mmpretrain/tnt: nn.MultiheadAttention whose in_proj_bias was set to
+    None after construction while out_proj keeps its bias (TNT's
+    qkv_bias=False): surgery's replacement has no out_proj bias."""
+    from mmcv.cnn.bricks.transformer import MultiheadAttention
+    attn = MultiheadAttention(32, 2, batch_first=True)
+    attn.attn.in_proj_bias = None
+    return Between(attn, 32, c_in=8, tokens=True), torch.randn(1, 16, 8)
+
+
+@repro
+def van_child_attr_view():
+    """mmpretrain/van: the backbone reshapes each stage output with
+    ``reshape(-1, *hw_shape, block.out_channels)``: an attribute of a child
+    block, not of the module that reshapes."""
+    from mmpretrain.models.backbones import VAN
+    van = VAN(arch=dict(embed_dims=[16, 32], depths=[1, 1],
+                        ffn_ratios=[2, 2]), out_indices=(1, ))
+    return (Between(van, 32, c_in=None, body_call=lambda b, x: b(x)[0]),
+            torch.randn(1, 3, 32, 32))
+
+
+@repro
+def twins_lsa_shared_attr():
+    """mmpretrain/twins (mixed plan only): LocallyGroupedSelfAttention
+    reshapes qkv to ``C // num_heads`` with C the input width (as Swin);
+    in the full model GlobalSubsampledAttention's ``embed_dims`` would also
+    need two sizes (residual and attention width) and surgery says so."""
+    from mmpretrain.models.backbones.twins import LSAEncoderLayer
+    layer = LSAEncoderLayer(32, 2, 64, window_size=4)
+    return (Between(layer, 32, c_in=8, tokens=True,
+                    body_call=lambda b, x: b(x, (8, 8))),
+            torch.randn(1, 64, 8))
+
+
+@repro
+def mvit_decomposed_rel_pos():
+    """mmpretrain/mvit (also ViTSAM): rel_pos_h[coords] (aten.index on a
+    parameter, unhandled) then einsum with q over the head dim: the
+    parameter's head-dim axis is not sliced."""
+    from mmpretrain.models.backbones.mvit import MultiScaleAttention
+    attn = MultiScaleAttention(32, 32, 2, rel_pos_spatial=True,
+                               input_size=(4, 4))
+    return (Between(attn, 32, c_in=8, tokens=True,
+                    body_call=lambda b, x: b(x, (4, 4))[0]),
+            torch.randn(1, 16, 8))
+
+
+@repro
+def mha_float64():
+    """mmseg/dpt, mmseg/segmenter, mmseg/vit (float64 only): surgery swaps
+    nn.MultiheadAttention for a pruned module built in the default dtype,
+    so a float64 (or half) model gets float32 attention weights."""
+    from mmcv.cnn.bricks.transformer import MultiheadAttention
+    attn = MultiheadAttention(32, 2, batch_first=True)
+    return Between(attn, 32, c_in=8, tokens=True), torch.randn(1, 16, 8)
+
+
+@repro
+def xcit_class_attn():
+    """mmpretrain/xcit: ClassAttntion reshapes q, k, v to
+    ``C // num_heads`` with C the input width (like Swin's WindowMSA)."""
+    from mmpretrain.models.backbones.xcit import ClassAttntion
+    return Between(ClassAttntion(32, num_heads=2), 32, c_in=8, tokens=True), \
+        torch.randn(1, 5, 8)
+
+
+@repro
+def nonlocal_inherited_forward():
+    """mmseg/nonlocal_net: mmcv NonLocal2d reshapes with
+    ``self.inter_channels`` in ``_NonLocalNd.forward`` (a base class):
+    surgery reads only the subclass's source for shape attributes."""
+    from mmcv.cnn import NonLocal2d
+    return Between(NonLocal2d(16), 16), torch.randn(1, 3, 8, 8)
+
+
+@repro
+def gcnet_context_block():
+    """mmseg/gcnet: mmcv ContextBlock's channel_add_conv uses
+    ``nn.LayerNorm([planes, 1, 1])`` (normalises over C, H, W of NCHW)."""
+    from mmcv.cnn.bricks import ContextBlock
+    return Between(ContextBlock(16, 0.25), 16), torch.randn(1, 3, 8, 8)
+
+
 def main(names):
-    import numpy  # noqa: F401
     for name in names or REPROS:
         model, x = REPROS[name]()
         torch.manual_seed(0)
@@ -115,7 +238,11 @@ def main(names):
         detail = f'max rel diff {res["max_rel_diff"]:.2e}' \
             if res.get('max_rel_diff') is not None else err
         extra = res.get('first_divergence') or res.get('cpd_where') or ''
-        print(f'{name:18s} {res["status"]:10s} {detail} {extra}', flush=True)
+        mixed = res.get('mixed', {})
+        mixed = mixed.get('status', '') + ' ' + (
+            mixed.get('error') or mixed.get('first_divergence') or '')
+        print(f'{name:28s} {res["status"]:10s} {detail} {extra}\n'
+              f'{"":28s} mixed plan: {mixed}', flush=True)
 
 
 if __name__ == '__main__':
