@@ -170,7 +170,11 @@ def write_markdown(cache, path):
            '"FLOPs kept" is the ratio at that plan (cpd_mm\'s cost model, '
            'auxiliary heads included / mmengine\'s counter on the tensor '
            'path). "frozen" is the share of channels comb froze. '
-           f'cpd_mm commit(s): {", ".join(commits)}.', '', '## Summary', '']
+           f'cpd_mm commit(s): {", ".join(commits)}. "mixed plan": a second '
+           'plan where every group loses its own random share (10-90%), which '
+           'shows rules that hold only when coupled groups shrink alike. The '
+           'constructs behind the failures, with repros, are in '
+           '[zoo_failures.md](zoo_failures.md).', '', '## Summary', '']
     out += summary(results)
     out += ['', '## Models', '']
     out += table(results)

@@ -19,6 +19,7 @@ import torch.nn as nn
 from zoo_check import prune_check
 
 REPROS = {}
+FLOAT32 = {'mha_value_differs'}  # float64 hides it behind mha_float64
 
 
 def repro(fn):
@@ -226,14 +227,84 @@ def gcnet_context_block():
     return Between(ContextBlock(16, 0.25), 16), torch.randn(1, 3, 8, 8)
 
 
+@repro
+def edgenext_sdta_chunks():
+    """mmpretrain/edgenext (hidden behind its LayerNorm2d): SDTA splits x
+    into chunks of ``self.conv_channels`` (the last one shorter), runs a
+    depthwise conv per chunk, each added to the next chunk, then concat."""
+    from mmpretrain.models.backbones.edgenext import SDTAEncoder
+    block = SDTAEncoder(30, scales=4, num_heads=2, use_pos_emb=False)
+    return Between(block, 30), torch.randn(1, 3, 8, 8)
+
+
+@repro
+def maxvit_local_var_attrs():
+    """tv/maxvit: RelativePositionalMultiHeadAttention reads
+    ``H, DH = self.n_heads, self.head_dim`` into locals and reshapes with
+    them; surgery looks for ``.head_dim`` inside the reshape call only."""
+    from torchvision.models.maxvit import \
+        RelativePositionalMultiHeadAttention as Attn
+    return (Between(Attn(32, 16, 16), 32, c_in=8, tokens=True),
+            torch.randn(1, 2, 16, 8))
+
+
+@repro
+def mmseg_beit_attn():
+    """mmseg/mae (mmseg's BEiT attention without q/v bias, as MAE builds
+    it; mixed plan): the output is reshaped to the input width C
+    (``reshape(B, N, C)``), tying the attention width to the residual
+    stream."""
+    from mmseg.models.backbones.beit import BEiTAttention
+    attn = BEiTAttention(32, 2, window_size=(4, 4), bias=False)
+    return Between(attn, 32, c_in=8, tokens=True), torch.randn(1, 17, 8)
+
+
+@repro
+def mha_value_differs():
+    """mmseg/maskformer, mask2former (reached only with a data-sample
+    forward): nn.MultiheadAttention called with a value tensor that is not
+    the query (DETR-style decoders: q = k = x + pos, v = x; cross
+    attention). Runs in float32 (see mha_float64)."""
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pre, self.post = nn.Linear(8, 32), nn.Linear(32, 8)
+            self.attn = nn.MultiheadAttention(32, 2, batch_first=True)
+
+        def forward(self, x):
+            x = self.pre(x)
+            return self.post(self.attn(x, x, 2 * x)[0])
+    return M(), torch.randn(1, 16, 8)
+
+
+@repro
+def apcnet_acm():
+    """mmseg/apcnet (mixed plan): ACM contracts the ``gla`` conv's
+    pool_scale**2 output channels against pooled spatial positions
+    (matmul) and views pooled features with ``self.channels``."""
+    from mmseg.models.decode_heads.apc_head import ACM
+    acm = ACM(2, True, 16, 16, None, dict(type='BN'), dict(type='ReLU'))
+    return Between(acm, 16), torch.randn(1, 3, 8, 8)
+
+
+@repro
+def prelu_per_channel():
+    """mmseg/cgnet (exact, but 90% of channels frozen, 100% FLOPs kept):
+    nn.PReLU(num_parameters=C) runs aten._prelu_kernel, which has no
+    channel rule."""
+    return Between(nn.PReLU(16), 16), torch.randn(1, 3, 8, 8)
+
+
 def main(names):
     for name in names or REPROS:
-        model, x = REPROS[name]()
         torch.manual_seed(0)
-        model.double()
+        model, x = REPROS[name]()
+        dtype = torch.float32 if name in FLOAT32 else torch.float64
+        model.to(dtype)
         model.eval()  # some backbones' train() returns None
         res = {}
-        prune_check(model, x.double(), res)
+        prune_check(model, x.to(dtype), res)
         err = res.get('error', '')
         detail = f'max rel diff {res["max_rel_diff"]:.2e}' \
             if res.get('max_rel_diff') is not None else err
@@ -241,8 +312,11 @@ def main(names):
         mixed = res.get('mixed', {})
         mixed = mixed.get('status', '') + ' ' + (
             mixed.get('error') or mixed.get('first_divergence') or '')
+        frozen = '; '.join(r for r in res.get('frozen_reasons', {})
+                           if not r.startswith('model output'))
         print(f'{name:28s} {res["status"]:10s} {detail} {extra}\n'
-              f'{"":28s} mixed plan: {mixed}', flush=True)
+              f'{"":28s} mixed plan: {mixed}\n'
+              f'{"":28s} frozen: {frozen[:150] or "-"}', flush=True)
 
 
 if __name__ == '__main__':

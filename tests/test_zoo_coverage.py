@@ -21,10 +21,16 @@ from zoo_check import check_model  # noqa: E402
 
 # key -> the construct that breaks it today (issue 12)
 KNOWN_FAILURES = {
-    'mmpretrain/convnext': 'channel-first LayerNorm (ConvNeXt): the gated '
-    'LayerNorm normalises the wrong axis and raises',
-    'mmpretrain/res2net': 'split -> conv -> concat multi-scale residual '
-    'blocks (Res2Net): the pruned branch convs get the wrong width',
+    'mmpretrain/convnext': 'channel-first LayerNorm (mmpretrain LayerNorm2d): '
+    'the gated LayerNorm normalises the last axis and raises',
+    'mmpretrain/res2net': 'split(x, self.width) -> conv -> add to next chunk '
+    '-> concat (Res2Net): the int split size is not updated',
+    'mmpretrain/tinyvit': 'split sizes from attributes (LeAttention '
+    'split([key_dim, key_dim, d])) are not updated by surgery',
+    'mmpretrain/van': 'reshape to a child module attribute '
+    '(block.out_channels) is not updated by surgery',
+    'mmpretrain/xcit': 'attention reshapes to C // num_heads with C the '
+    'input width: head dims are tied to the residual stream',
     'mmseg/ocrnet': 'decode_head is a ModuleList (cascade): default_forward '
     'calls it and raises',
 }
