@@ -18,7 +18,13 @@ kills the interpreter does not stop the run); results are cached in
 ``benchmarks/zoo_coverage.json`` after every model, so an interrupted run
 resumes where it stopped (``--rerun`` / ``--rerun-failed`` redo cached
 ones). The table goes to ``docs/zoo_coverage.md``. ``--verify`` /
-``--no-verify`` pass ``verify=`` to ``comb_model`` when it accepts it.
+``--no-verify`` pass ``verify=`` to ``comb_model`` when it accepts it (a
+cached result counts only for the same setting).
+
+Every model also gets a second, "mixed" plan (each group loses its own
+random share), and a differing model reports the first leaf module whose
+output differs. ``benchmarks/zoo_repros.py`` holds minimal repros of the
+failing constructs; docs/zoo_failures.md is the survey.
 """
 import argparse
 import datetime
@@ -208,6 +214,11 @@ def main(argv=None):
             print(f'{e.key:40s} {e.name}' + (f'  [skip: {e.skip}]'
                                               if e.skip else ''))
         return
+    if args.verify is not None:
+        from zoo_check import comb_kwargs
+        if comb_kwargs(args.verify)[1] is None:
+            print('note: comb_model has no `verify` argument in this cpd_mm; '
+                  'running without it')
     cache = load_cache(args.json)
     todo = [e for e in entries if needs_run(e, cache, args)]
     print(f'{len(entries)} entries selected, {len(todo)} to run '

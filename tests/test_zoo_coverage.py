@@ -4,9 +4,10 @@ Runs ``benchmarks/zoo_coverage.py --subset ci`` through its own functions
 (in this process, so a failure shows its traceback): every model is built
 with random weights, combed, half of every prunable group is removed at
 random, and the gated and physically pruned outputs must match (float64,
-relative 1e-6). Models that fail on today's code are marked xfail with the
-construct that breaks them (non-strict): when a fix lands they pass and the
-mark can go.
+relative 1e-6; float32 / 1e-4 where the model needs it), also for a plan
+that removes a different share of every group. Models that fail on today's
+code are marked xfail with the construct that breaks them (non-strict):
+when a fix lands they pass (XPASS) and the mark can go.
 """
 import os.path as osp
 import sys
@@ -103,3 +104,23 @@ def test_report_lists_every_status(tmp_path):
     assert '**mmseg/b** (raises in surgery): RuntimeError: boom' in text
     assert '**mmseg/a** (differs, mixed plan): first differs at x.y' in text
     assert 'Exact but keeping > 60% of FLOPs: 1.' in text
+
+
+def test_verify_is_passed_only_when_comb_model_accepts_it(monkeypatch):
+    import cpd_mm.comb
+    from zoo_check import comb_kwargs
+
+    def old_comb(model, input_shape=(1, 3, 224, 224), example_inputs=None,
+                 forward=None, exclude=()):
+        pass
+
+    def new_comb(model, input_shape=(1, 3, 224, 224), example_inputs=None,
+                 forward=None, exclude=(), verify=True):
+        pass
+
+    monkeypatch.setattr(cpd_mm.comb, 'comb_model', old_comb)
+    assert comb_kwargs(True) == ({}, None)
+    monkeypatch.setattr(cpd_mm.comb, 'comb_model', new_comb)
+    assert comb_kwargs(True) == ({'verify': True}, True)
+    assert comb_kwargs(False) == ({'verify': False}, False)
+    assert comb_kwargs(None) == ({}, True)  # comb_model's own default
