@@ -144,3 +144,35 @@ def test_multihead_attention_is_pruned_exactly(ratio, leave_one):
                               num_classes=5)
     apply_plan(fresh, make_plan(comb, kept, model))
     fresh.load_state_dict(pruned.state_dict())
+
+
+class _KVAttention(nn.Module):
+    """q = k = f(x), v = x (same channels, different tensors), and an
+    attention with an out_proj bias but no in_proj bias (as TNT has)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 16)
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.attn2 = nn.MultiheadAttention(16, 2)
+        self.attn2.register_parameter('in_proj_bias', None)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        t = self.fc(x.flatten(2).transpose(1, 2))
+        q = torch.relu(t) * 2
+        t = t + self.attn(q, q, t)[0]
+        s = t.transpose(0, 1)
+        t = t + self.attn2(s, s, s)[0].transpose(0, 1)
+        return self.head(t.mean(1))
+
+
+@pytest.mark.parametrize('leave_one', [False, True])
+def test_multihead_attention_value_tensor_and_biases(leave_one):
+    torch.manual_seed(0)
+    comb, kept, pruned, _ = assert_equivalent(
+        _KVAttention(), (2, 8, 5, 1), 0.5, leave_one=leave_one,
+        dtype=torch.float64, tol=1e-10)
+    assert len(comb.prunable_groups) == 3  # stream, and each attention
+    assert pruned.attn2.in_proj_bias is None
+    assert pruned.attn2.out_proj.bias is not None

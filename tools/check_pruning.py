@@ -91,13 +91,6 @@ def random_plan(comb, ratio, seed):
     return kept
 
 
-def outputs(model, x):
-    from cpd_mm.comb import default_forward
-    out = default_forward(model, x)
-    from torch.utils._pytree import tree_flatten
-    return [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
-
-
 def main():
     args = parse_args()
     if not 0 <= args.ratio < 1:
@@ -111,6 +104,7 @@ def main():
     import cpd_mm  # noqa: F401
     from mmengine.registry import MODELS, init_default_scope
     from cpd_mm.comb import comb_model
+    from cpd_mm.comb.verify import model_outputs
     from cpd_mm.prune import ChannelGates, CostModel, prune_model
     from cpd_mm.prune.report import group_table
     init_default_scope(cfg.get('default_scope', 'mmengine'))
@@ -147,13 +141,13 @@ def main():
     gates = ChannelGates(model, comb)
     gates.set_kept(kept)
     with torch.no_grad():
-        y_gated = outputs(model, x)
+        y_gated = model_outputs(model, x, None)
     gates.remove()
     p0, f0 = complexity(model, shape)
     cost = CostModel(model, comb)
     pruned = prune_model(copy.deepcopy(model), comb, kept)
     with torch.no_grad():
-        y_pruned = outputs(pruned, x)
+        y_pruned = model_outputs(pruned, x, None)
     p1, f1 = complexity(pruned, shape)
     diffs = [float((a - b).abs().max() / a.abs().max().clamp_min(1e-12))
              for a, b in zip(y_gated, y_pruned)]

@@ -66,12 +66,18 @@ def _forward_source(module):
 
 @functools.lru_cache(maxsize=None)
 def _shape_calls(cls):
-    # reading a class's source parses its whole file: once per class
-    try:
-        src = inspect.getsource(cls)
-    except (OSError, TypeError):
-        return ''
-    return '\n'.join(_SHAPE_CALL.findall(src))
+    """Shape arguments in the class and its bases up to ``nn.Module`` (a
+    forward may be inherited). Reading a class's source parses its whole
+    file: once per class."""
+    calls = []
+    for c in cls.__mro__:
+        if c in (nn.Module, object) or c.__module__.startswith('torch.'):
+            continue
+        try:
+            calls += _SHAPE_CALL.findall(inspect.getsource(c))
+        except (OSError, TypeError):
+            pass
+    return '\n'.join(calls)
 
 
 def _record_channels(comb):

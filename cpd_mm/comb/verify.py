@@ -44,8 +44,13 @@ class Verification:
                 f'{len(self.frozen)} group(s) frozen')
 
 
-def _outputs(model, x, forward):
-    out = (forward or default_forward)(model, x)
+def model_outputs(model, x, forward, seed=0):
+    """Floating-point outputs of ``forward(model, x)``; random ops inside
+    (a head drawing bases in eval mode) replay the same numbers every time."""
+    devices = [x.device] if x.device.type == 'cuda' else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        out = (forward or default_forward)(model, x)
     return [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)
             and t.is_floating_point()]
 
@@ -104,7 +109,7 @@ class _Checker:
         try:
             gates.set_kept(kept)
             with torch.no_grad():
-                gated = _outputs(model, x, self.forward)
+                gated = model_outputs(model, x, self.forward)
         except Exception as e:
             return None, f'the gated model raised {_short(e)}'
         finally:
@@ -112,7 +117,7 @@ class _Checker:
         try:
             small = prune_model(structural_copy(model), self.comb, kept)
             with torch.no_grad():
-                pruned = _outputs(small, x, self.forward)
+                pruned = model_outputs(small, x, self.forward)
         except Exception as e:
             return None, f'the pruned model raised {_short(e)}'
         self.constant = all(float(a.max() - a.min()) == 0 for a in gated)
@@ -154,7 +159,7 @@ class _Checker:
                 m64 = copy.deepcopy(self.model).double()
                 x64 = self.x.double()
                 with torch.no_grad():
-                    _outputs(m64, x64, self.forward)
+                    model_outputs(m64, x64, self.forward)
                 self._double = (m64, x64)
             except Exception:
                 self._double = False
@@ -189,7 +194,7 @@ def _informative_copy(model, x, forward):
     heads) cannot show a difference: check a copy whose all-zero weights are
     drawn at random instead. None if the model is informative."""
     with torch.no_grad():
-        outs = _outputs(model, x, forward)
+        outs = model_outputs(model, x, forward)
     if not all(float(a.max() - a.min()) == 0 for a in outs):
         return None
     other = copy.deepcopy(model)
@@ -213,7 +218,7 @@ def verify_comb(model: nn.Module, comb: CombResult, x: torch.Tensor,
     report = Verification()
     if reference is None:
         with torch.no_grad():
-            reference = _outputs(model, x, forward)
+            reference = model_outputs(model, x, forward)
     scales = [float(t.abs().max()) for t in tree_flatten(reference)[0]
               if isinstance(t, torch.Tensor) and t.is_floating_point()]
     checker = _Checker(model, comb, x, forward, tol, scales)
@@ -232,7 +237,7 @@ def verify_comb(model: nn.Module, comb: CombResult, x: torch.Tensor,
                     checker = _Checker(other, comb, x, forward, tol)
                     with torch.no_grad():
                         checker.scales = [float(t.abs().max()) for t in
-                                          _outputs(other, x, forward)]
+                                          model_outputs(other, x, forward)]
                     reason = checker.fails(checker.restrict(kept, groups))
             if reason is None:
                 break

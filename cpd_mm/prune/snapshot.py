@@ -7,7 +7,7 @@ from mmengine.dist import is_main_process
 from mmengine.runner.checkpoint import save_checkpoint, weights_to_cpu
 
 from ..comb import prune_model
-from ..comb.verify import _outputs
+from ..comb.verify import model_outputs
 from .plan import PLAN_META_KEY, make_plan
 
 
@@ -25,11 +25,11 @@ def save_pruned(runner, student, comb, gates, kept, filename, meta=None,
     x = x.to(p.device)
     try:
         with torch.no_grad():
-            gated = _outputs(student, x, None)
+            gated = model_outputs(student, x, None)
         with gates.detached():
             small = prune_model(copy.deepcopy(student), comb, kept)
         with torch.no_grad():
-            pruned = _outputs(small, x, None)
+            pruned = model_outputs(small, x, None)
     finally:
         student.train(was_training)
     diff = max((float((a - b).abs().max()) /

@@ -10,8 +10,9 @@ Surgery swaps it for :class:`PrunedMultiheadAttention`, which has the same
 parameter names and call signature but independent widths and the original
 scale, so the model's code and pruned checkpoints keep working.
 
-Only self-attention (query, key and value carry the same channels) is
-handled; anything else is frozen with a reason.
+Query, key and value must carry the same channels (self-attention, also
+with positional encodings added to some of them); cross-attention between
+other channel spaces is frozen with a reason.
 """
 import math
 import types
@@ -29,45 +30,55 @@ from .base import (CostTerm, ModuleHandler, ModuleRecord, input_atoms,
 
 
 class PrunedMultiheadAttention(nn.Module):
-    """Self-attention with decoupled widths, a drop-in for a pruned
-    ``nn.MultiheadAttention`` (same parameter names, same call signature,
-    returns ``(output, None)``).
+    """Attention with decoupled widths, a drop-in for a pruned
+    ``nn.MultiheadAttention`` whose query, key and value carry the same
+    channels (same parameter names, same call signature, returns
+    ``(output, None)``).
 
     Args:
         in_dim, out_dim: widths of the input and output.
         num_heads: heads; qk_dim and v_dim are per-head widths.
         scale: softmax scale (the original ``1/sqrt(head_dim)``).
         batch_first, dropout: as in ``nn.MultiheadAttention``.
+        in_bias, out_bias: whether the projections have biases.
     """
 
     def __init__(self, in_dim, out_dim, num_heads, qk_dim, v_dim, scale,
-                 batch_first=False, dropout=0.0, bias=True):
+                 batch_first=False, dropout=0.0, in_bias=True,
+                 out_bias=True):
         super().__init__()
         self.num_heads, self.qk_dim, self.v_dim = num_heads, qk_dim, v_dim
         self.scale, self.batch_first, self.dropout = scale, batch_first, dropout
         rows = num_heads * (2 * qk_dim + v_dim)
         self.in_proj_weight = nn.Parameter(torch.empty(rows, in_dim))
-        self.in_proj_bias = nn.Parameter(torch.zeros(rows)) if bias else None
-        self.out_proj = nn.Linear(num_heads * v_dim, out_dim, bias=bias)
+        self.in_proj_bias = nn.Parameter(torch.zeros(rows)) if in_bias \
+            else None
+        self.out_proj = nn.Linear(num_heads * v_dim, out_dim, bias=out_bias)
 
     def forward(self, query, key=None, value=None, key_padding_mask=None,
                 need_weights=False, attn_mask=None, **kwargs):
-        x = query if self.batch_first else query.transpose(0, 1)  # N, L, E
-        B, L, _ = x.shape
+        key = query if key is None else key
+        value = key if value is None else value
+        if not self.batch_first:  # N, L, E
+            query, key, value = (t.transpose(0, 1)
+                                 for t in (query, key, value))
+        B, L, _ = query.shape
+        S = key.shape[1]
         h, dq, dv = self.num_heads, self.qk_dim, self.v_dim
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
-        q, k, v = qkv.split([h * dq, h * dq, h * dv], dim=-1)
-        q = q.reshape(B, L, h, dq).transpose(1, 2)
-        k = k.reshape(B, L, h, dq).transpose(1, 2)
-        v = v.reshape(B, L, h, dv).transpose(1, 2)
+        w = self.in_proj_weight.split([h * dq, h * dq, h * dv])
+        b = self.in_proj_bias.split([h * dq, h * dq, h * dv]) \
+            if self.in_proj_bias is not None else (None, ) * 3
+        q = F.linear(query, w[0], b[0]).reshape(B, L, h, dq).transpose(1, 2)
+        k = F.linear(key, w[1], b[1]).reshape(B, S, h, dq).transpose(1, 2)
+        v = F.linear(value, w[2], b[2]).reshape(B, S, h, dv).transpose(1, 2)
         mask = None
         if attn_mask is not None:
             mask = attn_mask if attn_mask.dtype != torch.bool else \
                 torch.zeros_like(attn_mask, dtype=q.dtype).masked_fill(
                     attn_mask, float('-inf'))
         if key_padding_mask is not None:
-            kpm = torch.zeros(B, 1, 1, L, dtype=q.dtype, device=q.device)
-            kpm = kpm.masked_fill(key_padding_mask.view(B, 1, 1, L),
+            kpm = torch.zeros(B, 1, 1, S, dtype=q.dtype, device=q.device)
+            kpm = kpm.masked_fill(key_padding_mask.view(B, 1, 1, S),
                                   float('-inf'))
             mask = kpm if mask is None else mask + kpm
         out = F.scaled_dot_product_attention(
@@ -109,13 +120,14 @@ class MultiheadAttentionHandler(ModuleHandler):
         q, k, v = _query_key_value(args, kwargs)
         o = out[0] if isinstance(out, tuple) else out
         infos = [tr.info(t) for t in (q, k, v) if t is not None]
-        same = all(np.array_equal(i.ids, infos[0].ids) and t.shape == q.shape
-                   for i, t in zip(infos, (q, k, v)) if t is not None)
+        ts = [t for t in (q, k, v) if t is not None]
+        same = all(np.array_equal(i.ids, infos[0].ids) and
+                   t.shape[-1] == q.shape[-1] for i, t in zip(infos, ts))
         if not same or not m._qkv_same_embed_dim or m.bias_k is not None:
             for i in infos:
-                tr.freeze(i.ids, f'{name}: MultiheadAttention other than '
-                          'plain self-attention (cross-attention, separate '
-                          'k/v widths or bias_k) is not prunable')
+                tr.freeze(i.ids, f'{name}: MultiheadAttention whose query, '
+                          'key and value carry different channels (cross-'
+                          'attention), separate k/v widths or bias_k')
             return TensorInfo(np.full((1, ) * o.dim(), -1), True)
         E, h = m.embed_dim, m.num_heads
         hd = E // h
@@ -140,8 +152,9 @@ class MultiheadAttentionHandler(ModuleHandler):
         gates = [('in_proj_weight', 0, rec.in_rows),
                  ('out_proj.weight', 0, rec.outputs)]
         if m.in_proj_bias is not None:
-            gates += [('in_proj_bias', 0, rec.in_rows),
-                      ('out_proj.bias', 0, rec.outputs)]
+            gates.append(('in_proj_bias', 0, rec.in_rows))
+        if m.out_proj.bias is not None:
+            gates.append(('out_proj.bias', 0, rec.outputs))
         return gates
 
     def gate_forward(self, m, rec, mask_of):
@@ -156,6 +169,7 @@ class MultiheadAttentionHandler(ModuleHandler):
                       self_.out_proj.weight * out_rows[:, None]}
             if self_.in_proj_bias is not None:
                 params['in_proj_bias'] = self_.in_proj_bias * rows
+            if self_.out_proj.bias is not None:
                 params['out_proj.bias'] = self_.out_proj.bias * out_rows
             with _reparametrize_module(self_, params):
                 return type(self_).forward(self_, *args, **kwargs)
@@ -170,8 +184,9 @@ class MultiheadAttentionHandler(ModuleHandler):
                  CostTerm('flops', L * L, (rec.qk, )),
                  CostTerm('flops', L * L, (rec.v, ))]
         if m.in_proj_bias is not None:
-            terms += [CostTerm('params', 1, (rec.in_rows, )),
-                      CostTerm('params', 1, (rec.outputs, ))]
+            terms.append(CostTerm('params', 1, (rec.in_rows, )))
+        if m.out_proj.bias is not None:
+            terms.append(CostTerm('params', 1, (rec.outputs, )))
         return terms
 
     def prune(self, m, rec, keep):
@@ -181,7 +196,8 @@ class MultiheadAttentionHandler(ModuleHandler):
         new = PrunedMultiheadAttention(
             int(kin.sum()), int(kout.sum()), h, int(kqk.sum()) // h,
             int(kv.sum()) // h, rec.scale, rec.batch_first, rec.dropout,
-            bias=m.in_proj_bias is not None)
+            in_bias=m.in_proj_bias is not None,
+            out_bias=m.out_proj.bias is not None)
         dev = m.in_proj_weight.device
         r = torch.as_tensor(np.nonzero(np.concatenate([kqk, kqk, kv]))[0],
                             device=dev)
@@ -194,6 +210,7 @@ class MultiheadAttentionHandler(ModuleHandler):
             new.out_proj.weight.copy_(m.out_proj.weight[oo][:, vo])
             if m.in_proj_bias is not None:
                 new.in_proj_bias.copy_(m.in_proj_bias[r])
+            if m.out_proj.bias is not None:
                 new.out_proj.bias.copy_(m.out_proj.bias[oo])
         for pname, p in new.named_parameters():
             p.requires_grad_(m.get_parameter(pname).requires_grad)
