@@ -279,7 +279,7 @@ def main():
     # the same means as a markdown table: one row per (importance,
     # distillation), one column per sparsity, seeds in brackets
     spars = sorted({r['sparsity'] for r in summary} - {0.0})
-    print(f'\n| importance | distillation | '
+    print('\n| importance | distillation | '
           + ' | '.join(f'{sp:.0%} params removed' for sp in spars) + ' |')
     print('|---|---|' + '---|' * len(spars))
     pairs = [(r['importance'], r['distill']) for r in rows

@@ -44,7 +44,7 @@ from cpd_mm.deploy import (LatencyTable, create_session, export_onnx,
 from cpd_mm.deploy.latency_table import METHODS
 from cpd_mm.deploy.layer_timing import time_sessions
 from cpd_mm.deploy.report import format_table
-from cpd_mm.prune import prune_model
+from cpd_mm.prune import CostModel, prune_model, select_channels
 
 MODELS = {
     'resnet50': 'resnet50_8xb32_in1k',
@@ -90,22 +90,29 @@ def keep_mask(comb, fraction_of, round_to=8):
     """Keep-mask where group g keeps ``fraction_of(g)`` of its channels,
     rounded to a multiple of ``round_to`` (at least one multiple); frozen
     channels are always kept, the others are kept from the front."""
-    kept = np.ones(comb.num_classes, dtype=bool)
+    kept = np.ones(comb.num_channels, dtype=bool)
     for g in comb.prunable_groups:
         n = int(round(fraction_of(g) * g.size / round_to)) * round_to
         n = min(g.size, max(round_to, n))
         if n >= g.size:
             continue
-        free = g.classes[~g.frozen]
+        free = g.channels[~g.frozen]
         drop = g.size - max(n, int(g.frozen.sum()))
         kept[free[len(free) - drop:]] = False
     return kept
 
 
-def plans(comb, n_random, seed=0):
+def plans(comb, n_random, seed=0, cost=None):
     rng = np.random.default_rng(seed)
     out = {'uniform-25%': keep_mask(comb, lambda g: 0.75),
            'uniform-50%': keep_mask(comb, lambda g: 0.5)}
+    if cost is not None:
+        # what the hook selects with target='latency' at 50% (scores drawn
+        # at random: the latency of the structure is what is validated)
+        full = np.ones(comb.num_channels, dtype=bool)
+        out['latency-50%'] = select_channels(
+            rng.random(comb.num_channels), full, comb, cost,
+            0.5 * cost.total_latency, 'latency', round_to=8)
     for i in range(n_random):
         keep = {g.name: rng.uniform(0.3, 1.0) for g in comb.prunable_groups}
         out[f'random-{i}'] = keep_mask(comb, lambda g: keep[g.name])
@@ -133,7 +140,8 @@ def run_model(name, args, tmp):
              for _ in range(args.builds - 1)]
     comb = comb_model(model, input_shape=INPUT)
     models = {'unpruned': model}
-    for label, kept in plans(comb, args.random_plans).items():
+    cost = CostModel(model, comb, table)
+    for label, kept in plans(comb, args.random_plans, cost=cost).items():
         models[label] = prune_model(copy.deepcopy(model), comb, kept).eval()
     rows, paths = {}, []
     for label, m in models.items():

@@ -2,19 +2,22 @@
 
 On generated data and this CPU:
   1. write the demo classification set (if missing);
-  2. train the baseline classifier and evaluate it;
-  3. prune it with Hessian importance and KL distillation to 50% of its
-     parameters (snapshots at 10-40% on the way), and evaluate every snapshot
-     with the *original* config;
-  4. export baseline and pruned model to ONNX, verify, benchmark both;
-  5. print one table and write two plots (accuracy vs sparsity, kept
-     channels per group) to the work dir.
+  2. train the baseline classifier;
+  3. fine-tune it unpruned with the budget the pruned model gets (the fair
+     reference: what the extra training alone gives);
+  4. prune the baseline to half its measured latency (a latency table
+     measured on onnxruntime, cost-aware selection, Hessian importance, KL
+     distillation from the reference) during the same fine-tuning budget;
+  5. evaluate all three with the *original* config, export baseline and
+     pruned model to ONNX, verify and time them (interleaved);
+  6. print one table, write work_dirs/demo/summary.json and a plot of
+     accuracy against measured latency.
 
     python tools/run_demo.py [--work-dir work_dirs/demo] [--runs 1000]
         [--threads 1] [--skip-baseline]
 
 Every step runs the project's own tools (train.py, test.py, export_onnx.py)
-as a subprocess, so their logs and progress bars show as they go.
+as a subprocess, so their logs show as they go.
 """
 import argparse
 import json
@@ -47,8 +50,8 @@ def run(cmd, capture=False):
     return ''.join(out)
 
 
-def evaluate(cfg, ckpt, work_dir):
-    out = run([sys.executable, 'tools/test.py', cfg, ckpt, '--work-dir',
+def evaluate(ckpt, work_dir):
+    out = run([sys.executable, 'tools/test.py', BASE_CFG, ckpt, '--work-dir',
                work_dir], capture=True)
     found = re.findall(r'accuracy/top1: ([0-9.]+)', out)
     if not found:
@@ -56,17 +59,27 @@ def evaluate(cfg, ckpt, work_dir):
     return float(found[-1])
 
 
-def plot_accuracy(points, path):
+def plot(rows, path):
+    """Top-1 against measured latency; the reference marked."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    xs, ys = zip(*sorted(points))
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot([100 * x for x in xs], ys, 'o-')
-    ax.set_xlabel('parameter sparsity (%)')
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    style = {'baseline': ('s', '#7f7f7f'), 'reference': ('*', '#d62728'),
+             'CPD': ('o', '#1f77b4')}
+    for r in rows:
+        marker, colour = style[r['model'].split()[0]]
+        ax.scatter(r['onnx_median_ms'], r['top1'], marker=marker, s=110,
+                   color=colour, label=r['model'], zorder=3)
+    ref = [r for r in rows if r['model'].startswith('reference')][0]
+    ax.axhline(ref['top1'], color='#d62728', lw=0.8, ls='--', zorder=1)
+    ax.axhline(ref['top1'] - 1, color='#d62728', lw=0.6, ls=':', zorder=1,
+               label='reference - 1 point')
+    ax.set_xlabel('onnxruntime median latency (ms, CPU, 1 thread)')
     ax.set_ylabel('top-1 accuracy (%)')
     ax.set_title('CPD on the demo classifier')
     ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc='lower right')
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -85,60 +98,68 @@ def main():
     args = p.parse_args()
     t0 = time.time()
     wd = args.work_dir
-    base_dir, prune_dir = osp.join(wd, 'baseline'), osp.join(wd, 'cpd')
-    os.makedirs(wd, exist_ok=True)
+    dirs = {k: osp.join(wd, k) for k in ('baseline', 'reference', 'cpd')}
+    os.makedirs(osp.join(ROOT, wd), exist_ok=True)
     py = sys.executable
 
     if not osp.isdir(osp.join(ROOT, 'data/demo/cls/train')):
         run([py, 'tools/make_demo_data.py', 'cls'])
-    base_ckpt = osp.join(base_dir, 'epoch_12.pth')
+    base_ckpt = osp.join(dirs['baseline'], 'epoch_12.pth')
     if not (args.skip_baseline and osp.exists(osp.join(ROOT, base_ckpt))):
-        run([py, 'tools/train.py', BASE_CFG, '--work-dir', base_dir])
-    acc_base = evaluate(BASE_CFG, base_ckpt, osp.join(wd, 'test_baseline'))
-
-    run([py, 'tools/train.py', PRUNE_CFG, '--work-dir', prune_dir,
+        run([py, 'tools/train.py', BASE_CFG, '--work-dir', dirs['baseline']])
+    # the reference: the prune config's schedule without hook or teacher
+    run([py, 'tools/train.py', PRUNE_CFG, '--work-dir', dirs['reference'],
+         '--cfg-options', f'load_from={base_ckpt}', 'custom_hooks=[]',
+         'model.distill=none'])
+    ref_ckpt = osp.join(dirs['reference'], 'epoch_8.pth')
+    # the teacher is the converged reference (docs/choosing_sparsity.md)
+    teacher = osp.join(ROOT, wd, 'teacher_config.py')
+    with open(teacher, 'w') as f:
+        f.write(f"_base_ = ['{osp.join(ROOT, PRUNE_CFG)}']\n"
+                f"model = dict(teacher=dict(_delete_=True, config="
+                f"'{BASE_CFG}', checkpoint='{ref_ckpt}'))\n")
+    run([py, 'tools/train.py', teacher, '--work-dir', dirs['cpd'],
          '--cfg-options', f'load_from={base_ckpt}'])
-    final = osp.join(prune_dir, 'pruned_final.pth')
-    import torch
-    import cpd_mm  # noqa: F401  (safe checkpoint loading)
-    points = [(0.0, acc_base)]
-    for name in sorted(os.listdir(osp.join(ROOT, prune_dir))):
-        m = re.match(r'pruned_sparsity_(\d+)\.pth', name)
-        if m:
-            acc = evaluate(BASE_CFG, osp.join(prune_dir, name),
-                           osp.join(wd, 'test_snapshots'))
-            points.append((int(m.group(1)) / 100.0, acc))
-    meta = torch.load(osp.join(ROOT, final), map_location='cpu')['meta']
-    acc_pruned = evaluate(BASE_CFG, final, osp.join(wd, 'test_pruned'))
-    points.append((meta['sparsity'], acc_pruned))
-    plot_accuracy(points, osp.join(ROOT, wd, 'accuracy_vs_sparsity.png'))
+    final = osp.join(dirs['cpd'], 'pruned_final.pth')
 
+    acc = {k: evaluate(ck, osp.join(wd, 'test_' + k)) for k, ck in
+           (('baseline', base_ckpt), ('reference', ref_ckpt),
+            ('cpd', final))}
     report = osp.join(wd, 'onnx_compare.json')
     run([py, 'tools/export_onnx.py', BASE_CFG, final, '--out',
          osp.join(wd, 'pruned.onnx'), '--verify', '--benchmark', '--runs',
          str(args.runs), '--threads', str(args.threads),
-         '--compare-to', base_ckpt, '--json', report,
-         '--force'])
+         '--compare-to', base_ckpt, '--json', report, '--force'])
     with open(osp.join(ROOT, report)) as f:
         cmp = json.load(f)['compare']
     o, q = cmp['original'], cmp['pruned']
-    rows = [('baseline', o['params'], o['flops'], acc_base,
-             o['benchmark']['median_ms'], 1.0),
-            ('CPD (hessian + KL)', q['params'], q['flops'], acc_pruned,
-             q['benchmark']['median_ms'], cmp['speedup_median'])]
-    print('\n' + '=' * 78)
-    print(f'{"model":22s} {"params":>10s} {"FLOPs":>10s} {"top-1 %":>8s} '
+    o_ms, q_ms = o['benchmark']['median_ms'], q['benchmark']['median_ms']
+    rows = [
+        dict(model='baseline (12 epochs)', params=o['params'],
+             flops=o['flops'], top1=acc['baseline'], onnx_median_ms=o_ms,
+             speedup=1.0),
+        dict(model='reference: unpruned, +8 epochs', params=o['params'],
+             flops=o['flops'], top1=acc['reference'], onnx_median_ms=o_ms,
+             speedup=1.0),
+        dict(model='CPD: latency 50%, hessian + KL, +8 epochs',
+             params=q['params'], flops=q['flops'], top1=acc['cpd'],
+             onnx_median_ms=q_ms, speedup=cmp['speedup_median']),
+    ]
+    print('\n' + '=' * 92)
+    print(f'{"model":44s} {"params":>9s} {"FLOPs":>9s} {"top-1 %":>8s} '
           f'{"ONNX ms":>8s} {"speed-up":>9s}')
     for r in rows:
-        print(f'{r[0]:22s} {r[1] / 1e6:9.3f}M {r[2] / 1e6:9.2f}M {r[3]:8.2f}'
-              f' {r[4]:8.3f} {r[5]:8.2f}x')
-    print('=' * 78)
-    print(f'accuracy vs sparsity: {points}')
-    print(f'plots: {osp.join(wd, "accuracy_vs_sparsity.png")}, '
-          f'{osp.join(prune_dir, "cpd_kept_channels.png")}')
-    summary = dict(rows=[dict(zip(['model', 'params', 'flops', 'top1',
-                                   'onnx_median_ms', 'speedup'], r))
-                         for r in rows], accuracy_vs_sparsity=points,
+        print(f'{r["model"]:44s} {r["params"] / 1e6:8.3f}M '
+              f'{r["flops"] / 1e6:8.2f}M {r["top1"]:8.2f} '
+              f'{r["onnx_median_ms"]:8.3f} {r["speedup"]:8.2f}x')
+    print('=' * 92)
+    gap = acc['cpd'] - acc['reference']
+    print(f'CPD vs reference: {gap:+.2f} points of top-1 at '
+          f'{cmp["speedup_median"]:.2f}x the speed')
+    fig = osp.join(wd, 'accuracy_vs_latency.png')
+    plot(rows, osp.join(ROOT, fig))
+    print(f'plots: {fig}, {osp.join(dirs["cpd"], "cpd_kept_channels.png")}')
+    summary = dict(rows=rows, cpd_minus_reference=gap,
                    seconds=time.time() - t0)
     with open(osp.join(ROOT, wd, 'summary.json'), 'w') as f:
         json.dump(summary, f, indent=1)
