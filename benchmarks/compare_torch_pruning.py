@@ -53,7 +53,7 @@ SETUPS = {
                 cpd_options=['custom_hooks.0.target=latency',
                              'custom_hooks.0.round_to=8']),
 }
-ARMS = ('cpd_mm', 'tp_taylor', 'tp_magnitude', 'reference')
+ARMS = ('cpd_mm', 'cpd_mm_nokd', 'tp_taylor', 'tp_magnitude', 'reference')
 REF_OPTIONS = ['model.distill=none', 'custom_hooks=[]']
 
 
@@ -123,11 +123,13 @@ def run_arm(args, task, arm, seed, load_from):
     s = SETUPS[task]
     ns = argparse.Namespace(work_dir=args.work_dir, rerun=args.rerun,
                             task=task)
-    if arm == 'cpd_mm':
+    if arm.startswith('cpd_mm'):
         options = s['cpd_options'] + [
             f'custom_hooks.0.target_sparsity={args.sparsity[task]}',
             'custom_hooks.0.save_at=[]', f'custom_hooks.0.seed={seed}',
             f'randomness.seed={seed}']
+        if arm == 'cpd_mm_nokd':  # the same selection, no distillation
+            options.append('model.distill=none')
         weights = 'pruned_final.pth'
     else:
         options, weights = REF_OPTIONS + [f'randomness.seed={seed}'], \
@@ -271,12 +273,21 @@ def measure_final(args, task, rows):
                 timer = Timer(task, tmp)
                 sessions = [timer.session(base)] + [
                     timer.session(models[a]) for a in arms]
-                ms = timer.time(sessions, 2 * SETUPS[task]['runs'])
+                # repeats: the medians of each, then their median (a shared
+                # machine's load changes between repeats)
+                reps = [timer.time(sessions, SETUPS[task]['runs'])
+                        for _ in range(args.repeats)]
+            ms = [statistics.median(r[i] for r in reps)
+                  for i in range(len(sessions))]
+            speedups = [[r[0] / r[i] for r in reps]
+                        for i in range(len(sessions))]
             measured = {}
-            for a, t in zip(arms, ms[1:]):
+            for i, a in enumerate(arms, 1):
                 widths = group_widths(comb, models[a].cpd_plan)
                 measured[a] = dict(
-                    median_ms=t, base_ms=ms[0], speedup=ms[0] / t,
+                    median_ms=ms[i], base_ms=ms[0],
+                    speedup=statistics.median(speedups[i]),
+                    speedup_repeats=speedups[i],
                     **model_complexity(models[a], shape), widths=widths,
                     min_share=min(k / s for _, k, s in widths),
                     degenerate=degenerate(widths),
@@ -291,8 +302,10 @@ def report(args, task, rows):
     lines = [f'\n### {task}: {metric}, latency at batch 1, '
              f'{SETUPS[task]["shape"][0]}x{SETUPS[task]["shape"][1]}, '
              'onnxruntime CPU, one thread\n',
-             f'| arm | seed | {metric} | latency ms (baseline) | speed-up | '
-             'MFLOPs | params M | TP ratio | TP / cpd_mm latency at '
+             f'| arm | seed | {metric} | latency ms (baseline) | speed-up '
+             + (f'(range over {args.repeats} timings) | ' if all(
+                 'speedup_repeats' in r for r in rows.values()) else '| ')
+             + 'MFLOPs | params M | TP ratio | TP / cpd_mm latency at '
              'selection | narrowest group |', '|---|---|---|---|---|---|---|'
              '---|---|---|']
     for a in ARMS:
@@ -304,8 +317,11 @@ def report(args, task, rows):
             sel = r.get('tp', {})
             lines.append(
                 f'| {a} | {seed} | {r["score"]:.2f} | {r["median_ms"]:.3f} '
-                f'({r["base_ms"]:.3f}) | {r["speedup"]:.2f}x | '
-                f'{r["flops"] / 1e6:.2f} | {r["params"] / 1e6:.3f} | '
+                f'({r["base_ms"]:.3f}) | {r["speedup"]:.2f}x '
+                + (f'({min(r["speedup_repeats"]):.2f}-'
+                   f'{max(r["speedup_repeats"]):.2f}) | '
+                   if 'speedup_repeats' in r else '(one timing) | ')
+                + f'{r["flops"] / 1e6:.2f} | {r["params"] / 1e6:.3f} | '
                 + (f'{sel["ratio"]:.3f} | {sel["tp_vs_cpd"]:.3f} | '
                    if sel else '- | - | ')
                 + f'{narrow[0].replace("backbone.", "")} {narrow[1]}/'
@@ -354,6 +370,12 @@ def parse_args(argv=None):
     p.add_argument('--tol', type=float, default=0.03,
                    help='latency match of TP to cpd_mm (relative)')
     p.add_argument('--max-bisect', type=int, default=10)
+    p.add_argument('--repeats', type=int, default=5,
+                   help='interleaved timings of the final models; the '
+                   'median speed-up is reported')
+    p.add_argument('--no-distill-arm', action='store_true',
+                   help='also run cpd_mm without distillation '
+                   '(cpd_mm_nokd): separates selection from distillation')
     p.add_argument('--work-dir', default='work_dirs/compare_tp')
     p.add_argument('--rerun', action='store_true')
     p.add_argument('--json', default='benchmarks/compare_torch_pruning.json')
@@ -374,11 +396,12 @@ def main(argv=None):
     # 1. cpd_mm and reference arms (the first segmenter run measures the
     #    latency table, which the second then finds in the cache)
     jobs = []
-    for arm in ('cpd_mm', 'reference'):
+    for arm in ('cpd_mm', 'reference') + (
+            ('cpd_mm_nokd', ) if args.no_distill_arm else ()):
         for task in args.tasks:
             for seed in args.seeds:
                 jobs.append((task, arm, seed))
-    jobs.sort(key=lambda j: (j[2], j[1] != 'cpd_mm'))
+    jobs.sort(key=lambda j: (j[1] == 'cpd_mm_nokd', j[2], j[1] != 'cpd_mm'))
     done = pool_map([lambda j=j: run_arm(args, *j, SETUPS[j[0]]['ckpt'])
                      for j in jobs], args.jobs)
     for (task, arm, seed), row in zip(jobs, done):
@@ -410,7 +433,7 @@ def main(argv=None):
         own = {(a, s): r for (tk, a, s), r in rows.items() if tk == task}
         measure_final(args, task, own)
         text.append(report(args, task, own))
-        out['rows'] += [dict(task=task, **r) for r in own.values()]
+        out['rows'] += [dict(r, task=task) for r in own.values()]
     timings['measure_s'] = round(time.time() - t)
     timings['total_s'] = round(time.time() - start)
     out['timings'] = timings
