@@ -12,7 +12,10 @@ backward, SGD update) runs on the same fixed batch, alternating blocks of
   iteration as the hook does (pruning steps excluded: they run once per
   interval);
 * ``after``: once the target is reached, gates only (the hook removes its
-  score hooks).
+  score hooks);
+* ``hessian_fd`` (unless ``--no-fd``): pruning with
+  ``importance='hessian_fd'``, whose probe runs two more gated
+  forward/backward passes of the batch per iteration.
 
 Models: ``resnet`` is the demo classifier (configs/demo/resnet18_demo-cls.py,
 32x32, BatchNorm), ``vit`` MMPretrain's DeiT-tiny at 64x64 (LayerNorm,
@@ -61,28 +64,31 @@ def build(name):
     return model, optim, dict(inputs=list(x), data_samples=samples), size
 
 
-def measure(name, iters):
+def measure(name, iters, with_fd=True):
     from cpd_mm.comb import comb_model
     from cpd_mm.prune import ChannelGates, ImportanceAccumulator
     model, optim, data, size = build(name)
     comb = comb_model(model, input_shape=(1, 3, size, size))
-    n = getattr(comb, 'num_channels', None) or comb.num_classes
-    kept = np.ones(n, bool)
+    kept = np.ones(comb.num_channels, bool)
     for g in comb.prunable_groups:
-        chans = getattr(g, 'channels', None)
-        chans = g.classes if chans is None else chans
         free = np.nonzero(~g.frozen)[0]
-        kept[chans[free[::2]]] = False
+        kept[g.channels[free[::2]]] = False
+
+    def loss_fn():  # the training loss of the batch, as train_step has it
+        batch = model.data_preprocessor(data, True)
+        return model.parse_losses(model._run_forward(batch, mode='loss'))[0]
 
     # CPU time of this process: with one thread it counts the work, not the
     # time other processes hold the core (a shared machine)
     clock = time.process_time if torch.get_num_threads() == 1 \
         else time.perf_counter
 
-    def block(k, scorer=None):
+    def block(k, scorer=None, gates=None):
         ts = []
         for _ in range(k):
             t = clock()
+            if gates is not None:  # hessian_fd: two more gated passes
+                scorer.probe(gates, loss_fn)
             model.train_step(data, optim)
             if scorer is not None:
                 scorer.step()
@@ -91,7 +97,7 @@ def measure(name, iters):
 
     for _ in range(5):
         block(1)  # warm-up
-    plain, pruning, after = [], [], []
+    plain, pruning, after, fd = [], [], [], []
     for _ in range(max(iters // 10, 1)):
         plain += block(10)
         gates = ChannelGates(model, comb)
@@ -99,6 +105,10 @@ def measure(name, iters):
         scorer = ImportanceAccumulator(model, comb, 'hessian')
         pruning += block(10, scorer)
         scorer.remove()
+        if with_fd:
+            scorer = ImportanceAccumulator(model, comb, 'hessian_fd')
+            fd += block(10, scorer, gates)
+            scorer.remove()
         after += block(10)
         gates.remove()
     a, b, c = (statistics.median(v) for v in (plain, pruning, after))
@@ -110,6 +120,12 @@ def measure(name, iters):
     print(f'{res["model"]}: median iteration without hook {a * 1e3:.1f} ms,'
           f' while pruning {b * 1e3:.1f} ms ({100 * (b / a - 1):+.1f}%),'
           f' after {c * 1e3:.1f} ms ({100 * (c / a - 1):+.1f}%)')
+    if fd:
+        d = statistics.median(fd)
+        res.update(median_s_pruning_hessian_fd=d,
+                   overhead_pruning_hessian_fd=d / a - 1)
+        print(f'  importance=hessian_fd while pruning {d * 1e3:.1f} ms '
+              f'({100 * (d / a - 1):+.1f}%)')
     return res
 
 
@@ -118,9 +134,12 @@ def main():
     p.add_argument('--models', nargs='+', default=list(MODELS_),
                    choices=list(MODELS_))
     p.add_argument('--iters', type=int, default=60)
+    p.add_argument('--no-fd', action='store_true',
+                   help="skip importance='hessian_fd' (its probe: two more "
+                   'gated forward/backward passes per iteration)')
     p.add_argument('--json', default='benchmarks/hook_overhead.json')
     args = p.parse_args()
-    out = [measure(m, args.iters) for m in args.models]
+    out = [measure(m, args.iters, not args.no_fd) for m in args.models]
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(out, f, indent=1)
