@@ -39,12 +39,27 @@ def matmul_rule(tr, args, kwargs, out):
             tr.freeze(np.concatenate([ka.ravel(), kb.ravel()]),
                       'matmul sums channels that are not zero when gated')
     # output channels come from an operand whose channels are not contracted
+    a_kept = a_ch is not None and a_ch != nd - 1
+    b_kept = b_ch is not None and b_ch != nd - 2
+    if a_kept and b_kept:
+        if a_ch == b_ch and a_ch < nd - 2:
+            # the same batch axis (heads): the pairs go together
+            pa = np.take(np.take(A, [0], axis=nd - 1), [0], axis=nd - 2)
+            pb = np.take(np.take(B, [0], axis=nd - 1), [0], axis=nd - 2)
+            shp = np.broadcast_shapes(pa.shape, pb.shape)
+            tr.uf.union(np.broadcast_to(pa, shp), np.broadcast_to(pb, shp))
+        else:
+            # a's rows and b's columns both carry channels: the product
+            # would vary along two axes (e.g. per-class regions times
+            # features, OCR's object context); a's stay
+            tr.freeze(A, 'matmul keeps channels of both operands on '
+                      'different axes')
     res = empty_ids(out.dim())
     z = True
-    if b_ch is not None and b_ch != nd - 2:
+    if b_kept:
         res = np.take(B, [0], axis=nd - 2)
         z = ib.z
-    elif a_ch is not None and a_ch != nd - 1:
+    elif a_kept:
         res = np.take(A, [0], axis=nd - 1)
         z = ia.z
     res = res.reshape(res.shape[-out.dim():]) if res.ndim > out.dim() else res
