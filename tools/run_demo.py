@@ -66,12 +66,12 @@ def plot(rows, path):
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     style = {'baseline': ('s', '#7f7f7f'), 'reference': ('*', '#d62728'),
-             'CPD': ('o', '#1f77b4')}
+             'cpd': ('o', '#1f77b4')}
     for r in rows:
-        marker, colour = style[r['model'].split()[0]]
+        marker, colour = style[r['name']]
         ax.scatter(r['onnx_median_ms'], r['top1'], marker=marker, s=110,
                    color=colour, label=r['model'], zorder=3)
-    ref = [r for r in rows if r['model'].startswith('reference')][0]
+    ref = [r for r in rows if r['name'] == 'reference'][0]
     ax.axhline(ref['top1'], color='#d62728', lw=0.8, ls='--', zorder=1)
     ax.axhline(ref['top1'] - 1, color='#d62728', lw=0.6, ls=':', zorder=1,
                label='reference - 1 point')
@@ -135,13 +135,16 @@ def main():
     o, q = cmp['original'], cmp['pruned']
     o_ms, q_ms = o['benchmark']['median_ms'], q['benchmark']['median_ms']
     rows = [
-        dict(model='baseline (12 epochs)', params=o['params'],
+        dict(name='baseline', model='baseline (12 epochs)',
+             params=o['params'],
              flops=o['flops'], top1=acc['baseline'], onnx_median_ms=o_ms,
              speedup=1.0),
-        dict(model='reference: unpruned, +8 epochs', params=o['params'],
+        dict(name='reference', model='reference: unpruned, +8 epochs',
+             params=o['params'],
              flops=o['flops'], top1=acc['reference'], onnx_median_ms=o_ms,
              speedup=1.0),
-        dict(model='CPD: latency 50%, hessian + KL, +8 epochs',
+        dict(name='cpd',
+             model='CPD: latency 50%, hessian + KL, +8 epochs',
              params=q['params'], flops=q['flops'], top1=acc['cpd'],
              onnx_median_ms=q_ms, speedup=cmp['speedup_median']),
     ]
