@@ -280,7 +280,8 @@ def main():
     # distillation), one column per sparsity, seeds in brackets
     spars = sorted({r['sparsity'] for r in summary} - {0.0})
     print('\n| importance | distillation | '
-          + ' | '.join(f'{sp:.0%} of the target removed' for sp in spars) + ' |')
+          + ' | '.join(f'{sp:.0%} of the target removed' for sp in spars)
+          + ' |')
     print('|---|---|' + '---|' * len(spars))
     pairs = [(r['importance'], r['distill']) for r in rows
              if r['importance'] != 'unpruned']
