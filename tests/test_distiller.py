@@ -205,6 +205,15 @@ def test_teacher_from_config_and_checkpoint(cls_scope, tmp_path):
         assert torch.equal(distiller.teacher.state_dict()[key], value), key
     log_vars = distiller.train_step(cls_data(), sgd(distiller))
     assert log_vars['loss_kd_kl'] > 0
+    # load_from a plain student checkpoint: the student takes it, the
+    # teacher keeps its own weights and nothing is reported missing
+    small = MODELS.build(cls_cfg())
+    result = distiller.load_state_dict(small.state_dict(), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    for key, value in big.state_dict().items():
+        assert torch.equal(distiller.teacher.state_dict()[key], value), key
+    for key, value in small.state_dict().items():
+        assert torch.equal(distiller.student.state_dict()[key], value), key
     with pytest.raises(ValueError, match='config'):
         CPDDistiller(student=cls_cfg(), teacher=dict(checkpoint=ckpt))
 

@@ -326,3 +326,8 @@ class CPDDistiller(BaseModel):
             state_dict[prefix + STUDENT + rest] = value
             if self.teacher_is_self:
                 state_dict[prefix + 'teacher.' + rest] = value
+        if not self.teacher_is_self:
+            # an external teacher keeps the weights of its own checkpoint:
+            # not "missing" from a plain student checkpoint
+            for k, v in self.teacher.state_dict().items():
+                state_dict.setdefault(prefix + 'teacher.' + k, v)
