@@ -79,7 +79,7 @@ def plot(rows, path):
     ax.set_ylabel('top-1 accuracy (%)')
     ax.set_title('CPD on the demo classifier')
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc='lower right')
+    ax.legend(fontsize=7, loc='center right')
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
