@@ -145,3 +145,36 @@ def test_ranking_is_validated(resnet18):
     with pytest.raises(ValueError, match='ranking'):
         select_channels(np.zeros(comb.num_channels), full, comb, cost, 0,
                         ranking='best')
+
+
+def test_no_producer_loses_all_its_outputs():
+    """MMDetection's CSPLayer with channel attention (RTMDet): the two
+    branches are concatenated and the attention couples them, so one group
+    spans two producing convs. Verification must not freeze it, and a
+    selection that scores one branch lowest keeps one channel of it, so
+    surgery can build the pruned layer."""
+    pytest.importorskip('mmdet')
+    from mmdet.models.layers import CSPLayer
+
+    from cpd_mm.prune import prune_model
+    torch.manual_seed(0)
+    layer = CSPLayer(32, 32, expand_ratio=0.5, num_blocks=1,
+                     channel_attention=True).eval()
+    x = torch.randn(1, 32, 16, 16)
+    comb = comb_model(layer, example_inputs=x)
+    g = comb.group('short_conv.conv')
+    assert g.prunable and not g.frozen.any(), g.reasons
+    assert 'main_conv.conv' in g.producers
+    short = [c for c in comb.producer_channels()
+             if np.isin(c, g.channels).all() and c.size < g.size]
+    assert short, 'the concat group has one producer per branch'
+    scores = np.ones(comb.num_channels)
+    scores[short[0]] = 0.0  # this branch would go first, entirely
+    cost = CostModel(layer, comb)
+    full = np.ones(comb.num_channels, dtype=bool)
+    kept = select_channels(scores, full, comb, cost, 0.05 * cost.params(full),
+                           'params', max_removal=1.0)
+    for c in comb.producer_channels():
+        assert kept[c].any()
+    pruned = prune_model(layer, comb, kept)
+    assert pruned(x).shape[1] == 32

@@ -88,7 +88,8 @@ def random_plan(comb, ratio, seed):
         n = min(int(round(len(free) * ratio)), len(free) - 1)
         if n > 0:
             kept[g.channels[rng.choice(free, n, replace=False)]] = False
-    return kept
+    # no producing module loses all of its outputs (as in the hook)
+    return kept | comb.one_per_producer(kept, rng.random(comb.num_channels))
 
 
 def main():

@@ -236,6 +236,35 @@ class CombResult:
                 out[r] += int(g.frozen.sum())
         return dict(out)
 
+    def producer_channels(self) -> List[np.ndarray]:
+        """The channels each producing module outputs, one array per module
+        (a module called several times, such as a head shared across
+        levels, once). A physically pruned producer keeps at least one:
+        a conv or linear with no outputs cannot be built."""
+        found = getattr(self, '_producer_channels', None)
+        if found is None:
+            per = {}
+            for p in self.producers:
+                c = self.channels(p.atoms).ravel()
+                per.setdefault(p.name, []).append(c[c >= 0])
+            found = [np.unique(np.concatenate(v)) for v in per.values()]
+            found = self._producer_channels = [c for c in found if c.size]
+        return found
+
+    def one_per_producer(self, kept: np.ndarray,
+                         preference: np.ndarray) -> np.ndarray:
+        """Channels to keep so that no producer loses all of its outputs:
+        for every producer whose channels are all removed in ``kept`` and
+        none frozen, the one with the highest ``preference``. Returns a
+        bool mask over the channels."""
+        keep = np.zeros(self.num_channels, dtype=bool)
+        for c in self.producer_channels():
+            if kept[c].any() or keep[c].any() or \
+                    self.frozen_channels[c].any():
+                continue
+            keep[c[np.argmax(preference[c])]] = True
+        return keep
+
     def kept_from_plan(self, plan: dict) -> np.ndarray:
         """Keep-mask over channels from a plan
         ``{'groups': {name: {'kept': [...]}}}``."""

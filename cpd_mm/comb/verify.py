@@ -80,6 +80,9 @@ def random_plans(comb: CombResult, seed: int = 0):
                 n = min(max(n, 1), len(free) - (0 if n_frozen else 1))
             if n > 0:
                 kept[g.channels[rng.choice(free, n, replace=False)]] = False
+        # a group cut to one channel may empty one of its producers (one
+        # branch of a concat): keep one of each, as the schedule does
+        kept |= comb.one_per_producer(kept, rng.random(comb.num_channels))
         plans.append(kept)
     return plans
 

@@ -58,8 +58,9 @@ def select_channels(scores: np.ndarray, kept: np.ndarray, comb: CombResult,
     ranking, with memory-normalised scores). Equal values are broken in
     favour of the group that keeps the largest share of its channels.
 
-    Frozen channels, ``protected`` ones, and the floor of every group are
-    never removed: a group keeps at least ``min_channels`` and
+    Frozen channels, ``protected`` ones, the best channel of every
+    producing module, and the floor of every group are never removed: a
+    group keeps at least ``min_channels`` and
     ``(1 - max_removal)`` of its channels, rounded up to a multiple of
     ``round_to``. With ``round_to > 1`` every group keeps a multiple of
     ``round_to`` channels (or all of them): channels leave in chunks (first
@@ -76,14 +77,21 @@ def select_channels(scores: np.ndarray, kept: np.ndarray, comb: CombResult,
     kept = kept.copy()
     floors = [_floor(g, min_channels, max_removal, round_to)
               for g in comb.groups]
+    # every producing module keeps one output (its best), or surgery could
+    # not build it: a group can span several (the branches of a concat)
+    guard = np.zeros(comb.num_channels, dtype=bool)
+    for c in comb.producer_channels():
+        c = c[kept[c]]
+        if c.size and not comb.frozen_channels[c].any():
+            guard[c[np.argmax(scores[c])]] = True
+    protected = guard if protected is None else protected | guard
     for _ in range(64):
         need = cost.evaluate(kept, metric) - target
         if need <= 0:
             break
         saving = cost.marginal(kept, metric)
         removable = kept & ~comb.frozen_channels & (saving > 0)
-        if protected is not None:
-            removable &= ~protected
+        removable &= ~protected
         chunks = []
         for gi, g in enumerate(comb.groups):
             chunks += _chunks(g, gi, kept, removable, scores, saving,
