@@ -218,6 +218,22 @@ def test_teacher_from_config_and_checkpoint(cls_scope, tmp_path):
         CPDDistiller(student=cls_cfg(), teacher=dict(checkpoint=ckpt))
 
 
+@pytest.mark.parametrize('teacher', ['self', 'none'])
+def test_plain_checkpoint_loads_into_the_student(cls_scope, teacher):
+    """load_from a plain model checkpoint: with distill='none' there is no
+    teacher at all (the same-budget reference runs so), with 'self' the
+    teacher is the loaded model too."""
+    distill = 'none' if teacher == 'none' else 'kl'
+    distiller = CPDDistiller(student=cls_cfg(), distill=distill)
+    plain = MODELS.build(cls_cfg())
+    result = distiller.load_state_dict(plain.state_dict(), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    for key, value in plain.state_dict().items():
+        assert torch.equal(distiller.student.state_dict()[key], value), key
+        if teacher == 'self':
+            assert torch.equal(distiller.teacher.state_dict()[key], value)
+
+
 def test_presets_and_classifier_rejects_dense_losses(cls_scope):
     assert build_distill_cfg('none', 'mmseg') == []
     assert [d['type'] for d in build_distill_cfg('CIRKD', 'mmseg')] == [

@@ -326,7 +326,7 @@ class CPDDistiller(BaseModel):
             state_dict[prefix + STUDENT + rest] = value
             if self.teacher_is_self:
                 state_dict[prefix + 'teacher.' + rest] = value
-        if not self.teacher_is_self:
+        if not self.teacher_is_self and self.teacher is not None:
             # an external teacher keeps the weights of its own checkpoint:
             # not "missing" from a plain student checkpoint
             for k, v in self.teacher.state_dict().items():
