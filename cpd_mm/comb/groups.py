@@ -97,6 +97,7 @@ class CombResult:
         self.first_module = first if first and \
             tracer.calls.get(first) == 1 else None
         self.verification = None
+        self._producer_channels = None  # see producer_channels()
         self._build(tracer)
 
     # ------------------------------------------------------------ helpers
@@ -241,7 +242,7 @@ class CombResult:
         (a module called several times, such as a head shared across
         levels, once). A physically pruned producer keeps at least one:
         a conv or linear with no outputs cannot be built."""
-        found = getattr(self, '_producer_channels', None)
+        found = self._producer_channels
         if found is None:
             per = {}
             for p in self.producers:

@@ -79,11 +79,8 @@ def select_channels(scores: np.ndarray, kept: np.ndarray, comb: CombResult,
               for g in comb.groups]
     # every producing module keeps one output (its best), or surgery could
     # not build it: a group can span several (the branches of a concat)
-    guard = np.zeros(comb.num_channels, dtype=bool)
-    for c in comb.producer_channels():
-        c = c[kept[c]]
-        if c.size and not comb.frozen_channels[c].any():
-            guard[c[np.argmax(scores[c])]] = True
+    guard = comb.one_per_producer(np.zeros_like(kept),
+                                  np.where(kept, scores, -np.inf))
     protected = guard if protected is None else protected | guard
     for _ in range(64):
         need = cost.evaluate(kept, metric) - target
