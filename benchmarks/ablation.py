@@ -42,7 +42,7 @@ ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 SETUPS = {
     'cls': dict(base='configs/demo/resnet18_demo-cls.py',
                 prune='configs/demo/resnet18_demo-cls_prune.py',
-                ckpt='work_dirs/resnet18_demo-cls/epoch_12.pth',
+                ckpt='work_dirs/resnet18_demo-cls/epoch_30.pth',
                 metric=r'accuracy/top1: ([0-9.]+)', distill=['kl', 'none']),
     'seg': dict(base='configs/demo/pspnet_r18_demo-seg.py',
                 prune='configs/demo/pspnet_r18_demo-seg_prune.py',

@@ -9,12 +9,26 @@ import run_demo  # noqa: E402
 
 
 def test_plot_marks_the_reference(tmp_path):
-    rows = [dict(name='baseline', model='baseline (12 epochs)', top1=74.6,
-                 onnx_median_ms=1.08),
-            dict(name='reference', model='reference: unpruned, +8 epochs',
-                 top1=81.2, onnx_median_ms=1.08),
+    rows = [dict(name='baseline', model='baseline (30 epochs)', top1=87.4,
+                 onnx_median_ms=0.37),
+            dict(name='reference', model='reference: unpruned, +16 epochs',
+                 top1=88.0, onnx_median_ms=0.37),
             dict(name='cpd', model='CPD: latency 50%, hessian + KL',
-                 top1=78.6, onnx_median_ms=0.51)]
+                 top1=88.6, onnx_median_ms=0.18)]
     path = tmp_path / 'accuracy_vs_latency.png'
     run_demo.plot(rows, str(path))
     assert path.stat().st_size > 10000
+
+
+def test_rows_read_the_shipped_configs():
+    """The table's labels and checkpoint names come from the configs, so
+    editing the schedule or the target cannot leave them stale."""
+    cfg = run_demo.load_config(run_demo.PRUNE_CFG)
+    hook = [h for h in cfg.custom_hooks if h['type'] == 'CPDPruningHook'][0]
+    label = run_demo.cpd_label(cfg)
+    assert label.startswith(f"CPD: {hook['target']} ")
+    assert f"{hook['target_sparsity']:.0%}" in label
+    assert hook['importance'] in label
+    base = run_demo.load_config(run_demo.BASE_CFG)
+    # the prune config starts from the baseline's last checkpoint
+    assert cfg.load_from.endswith(f'epoch_{base.train_cfg.max_epochs}.pth')

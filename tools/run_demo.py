@@ -79,10 +79,24 @@ def plot(rows, path):
     ax.set_ylabel('top-1 accuracy (%)')
     ax.set_title('CPD on the demo classifier')
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc='center right')
+    ax.legend(fontsize=7, loc='best')
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def load_config(cfg_path):
+    from mmengine.config import Config
+    return Config.fromfile(osp.join(ROOT, cfg_path))
+
+
+def cpd_label(cfg):
+    """'CPD: latency 50%, hessian + KL', read from the prune config."""
+    hook = [h for h in cfg.custom_hooks if h['type'] == 'CPDPruningHook'][0]
+    distill = cfg.model.get('distill', 'none')
+    return (f"CPD: {hook['target']} {hook['target_sparsity']:.0%}, "
+            f"{hook.get('importance', 'hessian')}"
+            + ('' if distill == 'none' else f' + {distill.upper()}'))
 
 
 def main():
@@ -104,14 +118,17 @@ def main():
 
     if not osp.isdir(osp.join(ROOT, 'data/demo/cls/train')):
         run([py, 'tools/make_demo_data.py', 'cls'])
-    base_ckpt = osp.join(dirs['baseline'], 'epoch_12.pth')
+    prune_cfg = load_config(PRUNE_CFG)
+    base_epochs = load_config(BASE_CFG).train_cfg.max_epochs
+    tune_epochs = prune_cfg.train_cfg.max_epochs
+    base_ckpt = osp.join(dirs['baseline'], f'epoch_{base_epochs}.pth')
     if not (args.skip_baseline and osp.exists(osp.join(ROOT, base_ckpt))):
         run([py, 'tools/train.py', BASE_CFG, '--work-dir', dirs['baseline']])
     # the reference: the prune config's schedule without hook or teacher
     run([py, 'tools/train.py', PRUNE_CFG, '--work-dir', dirs['reference'],
          '--cfg-options', f'load_from={base_ckpt}', 'custom_hooks=[]',
          'model.distill=none'])
-    ref_ckpt = osp.join(dirs['reference'], 'epoch_8.pth')
+    ref_ckpt = osp.join(dirs['reference'], f'epoch_{tune_epochs}.pth')
     # the teacher is the converged reference (docs/choosing_sparsity.md)
     teacher = osp.join(ROOT, wd, 'teacher_config.py')
     with open(teacher, 'w') as f:
@@ -135,16 +152,17 @@ def main():
     o, q = cmp['original'], cmp['pruned']
     o_ms, q_ms = o['benchmark']['median_ms'], q['benchmark']['median_ms']
     rows = [
-        dict(name='baseline', model='baseline (12 epochs)',
+        dict(name='baseline', model=f'baseline ({base_epochs} epochs)',
              params=o['params'],
              flops=o['flops'], top1=acc['baseline'], onnx_median_ms=o_ms,
              speedup=1.0),
-        dict(name='reference', model='reference: unpruned, +8 epochs',
+        dict(name='reference',
+             model=f'reference: unpruned, +{tune_epochs} epochs',
              params=o['params'],
              flops=o['flops'], top1=acc['reference'], onnx_median_ms=o_ms,
              speedup=1.0),
         dict(name='cpd',
-             model='CPD: latency 50%, hessian + KL, +8 epochs',
+             model=f'{cpd_label(prune_cfg)}, +{tune_epochs} epochs',
              params=q['params'], flops=q['flops'], top1=acc['cpd'],
              onnx_median_ms=q_ms, speedup=cmp['speedup_median']),
     ]

@@ -18,7 +18,7 @@ _base_ = ['./resnet18_demo-cls.py']
 distill_type = 'kl'  # the switch: 'kl' or 'none' for classifiers
 
 # the trained baseline initialises the student and the 'self' teacher
-load_from = 'work_dirs/resnet18_demo-cls/epoch_12.pth'
+load_from = 'work_dirs/resnet18_demo-cls/epoch_30.pth'
 model = dict(
     _delete_=True,
     type='CPDDistiller',

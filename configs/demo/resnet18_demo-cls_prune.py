@@ -18,7 +18,7 @@ importance = 'hessian'    # 'hessian' (paper), 'hessian_fd', 'taylor', 'l1', 'ra
 round_to = 8              # channel counts in multiples of 8 (1: exact)
 
 # the unpruned baseline is the starting point and the teacher
-load_from = 'work_dirs/resnet18_demo-cls/epoch_12.pth'
+load_from = 'work_dirs/resnet18_demo-cls/epoch_30.pth'
 model = dict(
     _delete_=True,
     type='CPDDistiller',
@@ -26,8 +26,8 @@ model = dict(
     teacher='self',
     distill=distill)
 
-# 32 iterations per epoch: prune every 8 iterations during the first four
-# epochs, then fine-tune the pruned structure for four more.
+# 32 iterations per epoch: prune every 16 iterations during the first eight
+# epochs (15 steps), then fine-tune the pruned structure for eight more.
 custom_hooks = [
     dict(
         type='CPDPruningHook',
@@ -35,9 +35,9 @@ custom_hooks = [
         target_sparsity=target_sparsity,
         importance=importance,
         round_to=round_to,
-        interval=8,
-        begin_iter=8,
-        end_iter=128,
+        interval=16,
+        begin_iter=16,
+        end_iter=256,
         input_shape=(1, 3, 32, 32),
         save_at=(0.1, 0.2, 0.3, 0.4)),
 ]
@@ -45,7 +45,7 @@ custom_hooks = [
 optim_wrapper = dict(
     optimizer=dict(type='SGD', lr=0.02, momentum=0.9, weight_decay=5e-4))
 param_scheduler = dict(
-    _delete_=True, type='CosineAnnealingLR', by_epoch=True, T_max=8,
+    _delete_=True, type='CosineAnnealingLR', by_epoch=True, T_max=16,
     convert_to_iter_based=True)
-train_cfg = dict(by_epoch=True, max_epochs=8, val_interval=2)
+train_cfg = dict(by_epoch=True, max_epochs=16, val_interval=4)
 default_hooks = dict(checkpoint=dict(save_best=None, max_keep_ckpts=1))
