@@ -32,3 +32,13 @@ def test_rows_read_the_shipped_configs():
     base = run_demo.load_config(run_demo.BASE_CFG)
     # the prune config starts from the baseline's last checkpoint
     assert cfg.load_from.endswith(f'epoch_{base.train_cfg.max_epochs}.pth')
+
+
+def test_bad_repeats_stop_before_any_work(monkeypatch, tmp_path, capsys):
+    import pytest
+    monkeypatch.setattr(sys, 'argv', ['run_demo.py', '--repeats', '0',
+                                      '--work-dir', str(tmp_path / 'demo')])
+    with pytest.raises(SystemExit):
+        run_demo.main()
+    assert '--repeats must be at least 1' in capsys.readouterr().err
+    assert not (tmp_path / 'demo').exists()
