@@ -149,8 +149,8 @@ def main():
     acc = {k: evaluate(ck, osp.join(wd, 'test_' + k)) for k, ck in
            (('baseline', base_ckpt), ('reference', ref_ckpt),
             ('cpd', final))}
-    # one interleaved timing of a 0.2 ms model can be hit by a busy
-    # neighbour; time it --repeats times and keep the median speed-up
+    # one interleaved timing of a 0.2 ms model can land on a slower core or
+    # meet a busy neighbour; time it --repeats times, report the median
     timings = []
     for i in range(args.repeats):
         report = osp.join(wd, f'onnx_compare_{i}.json')
@@ -161,8 +161,8 @@ def main():
             + (['--verify'] if i == 0 else []))
         with open(osp.join(ROOT, report)) as f:
             timings.append(json.load(f)['compare'])
-    timings.sort(key=lambda c: c['speedup_median'])
-    cmp = timings[len(timings) // 2]
+    ranked = sorted(timings, key=lambda c: c['speedup_median'])
+    cmp = ranked[len(ranked) // 2]
     o, q = cmp['original'], cmp['pruned']
     o_ms, q_ms = o['benchmark']['median_ms'], q['benchmark']['median_ms']
     rows = [
