@@ -6,8 +6,8 @@
 
 For the demo classifier and the demo segmenter, from the same trained
 baseline, with the same fine-tuning budget (the demo prune config's schedule:
-16 epochs for the classifier, 8 for the segmenter) and the same evaluation (``tools/test.py`` with the original
-config), four arms per seed:
+16 epochs for the classifier, 8 for the segmenter) and the same evaluation
+(``tools/test.py`` with the original config), four arms per seed:
 
 * ``cpd_mm``: the demo prune config (Hessian importance, distillation,
   latency target, cost-aware selection); the segmenter with
