@@ -130,8 +130,11 @@ def test_latency_target_with_a_measured_table(tmp_path, monkeypatch):
     cached per model and machine), prunes until the predicted latency is
     (1 - target_sparsity) of the original, and logs it."""
     monkeypatch.setenv('CPD_MM_CACHE', str(tmp_path / 'cache'))
+    # at the 8x8 training input the toy net's layers take 1-3 us each,
+    # mostly fixed overhead; the table is measured at a deployment size
     runner = make_runner(str(tmp_path / 'run'), 10, target='latency',
-                         target_sparsity=0.3, round_to=8)
+                         target_sparsity=0.3, round_to=8,
+                         latency_shape=(1, 3, 64, 64))
     runner.train()
     hook = [h for h in runner.hooks if isinstance(h, CPDPruningHook)][0]
     table = hook.cost.table
@@ -142,3 +145,18 @@ def test_latency_target_with_a_measured_table(tmp_path, monkeypatch):
     assert runner.message_hub.get_scalar('train/cpd_latency_ms').current() \
         == pytest.approx(predicted)
     assert list((tmp_path / 'cache' / 'latency').glob('*.json'))
+
+
+def test_unreachable_target_is_refused_before_training(tmp_path):
+    """max_removal=0.5 keeps half of every group: 80% of the parameters
+    cannot go. The hook says so before the first iteration, with the
+    sparsity the floors allow, instead of training to a warning."""
+    runner = make_runner(str(tmp_path), 10, target_sparsity=0.8,
+                         max_removal=0.5)
+    with pytest.raises(ValueError, match='cannot be reached') as err:
+        runner.train()
+    assert 'max_removal=0.5' in str(err.value)
+    reachable = float(str(err.value).split('sparsity ')[-1].split()[0])
+    assert 0.5 < reachable < 0.8  # half of each width: ~3/4 of the convs
+    assert runner.iter == 0
+    assert not list(tmp_path.glob('*.pth'))

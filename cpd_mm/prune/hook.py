@@ -235,6 +235,38 @@ class CPDPruningHook(Hook):
                 'CPD: no prunable channel group was found (every group is '
                 'frozen, see the reasons above); run tools/check_pruning.py '
                 'on this config')
+        self._check_reachable(log)
+
+    def _check_reachable(self, log):
+        """Refuse, before training, a target that the floors forbid: the
+        selection itself, run to an empty budget, gives the smallest
+        structure that ``max_removal``, ``min_channels``, ``round_to`` and
+        the frozen groups leave (for 'latency': as the table predicts)."""
+        total = self.cost.total(self.target)
+        smallest = select_channels(
+            np.zeros(self.comb.num_channels), np.ones_like(self.kept),
+            self.comb, self.cost, 0.0, self.target, self.min_channels,
+            self.round_to, max_removal=self.max_removal, ranking='score')
+        reachable = 1.0 - self.cost.evaluate(smallest, self.target) / total
+        log.info(f'CPD: the floors allow a sparsity of {reachable:.3f} of '
+                 f'{self.target} at most')
+        if reachable < self.target_sparsity - 1e-3:
+            what = ('the latency table (measured on '
+                    f'{self.cost.table.provider} at {self.latency_shape}) '
+                    'predicts that the smallest structure keeps '
+                    if self.target == 'latency' else
+                    'the smallest structure keeps ')
+            raise ValueError(
+                f'CPDPruningHook: target_sparsity={self.target_sparsity} of '
+                f'{self.target} cannot be reached: with max_removal='
+                f'{self.max_removal}, min_channels={self.min_channels}, '
+                f'round_to={self.round_to} and the frozen groups, ' + what +
+                f'{1 - reachable:.1%} of it (sparsity {reachable:.3f} at '
+                'most). Lower target_sparsity, raise max_removal, or lower '
+                'round_to' + ('; a latency measured at a small latency_shape'
+                              ' is mostly fixed overhead: use the deployment '
+                              'input size' if self.target == 'latency'
+                              else '') + '.')
 
     def _latency_table(self, student, log):
         """Rank 0 measures (or loads from its cache) the latency table of
