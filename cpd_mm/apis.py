@@ -126,6 +126,11 @@ def init_model(config: Union[str, Config],
     if scope is not None:
         init_default_scope(scope)
     model_cfg = copy.deepcopy(cfg.model)
+    # as mmengine's Runner: a top-level data_preprocessor (mmpretrain
+    # configs) is the model's unless the model sets its own
+    if cfg.get('data_preprocessor') is not None:
+        model_cfg.setdefault('data_preprocessor',
+                             copy.deepcopy(cfg.data_preprocessor))
     # Weights come from `checkpoint`; never let a backbone try to download its
     # ImageNet initialisation (mmseg configs set `pretrained=...`).
     model_cfg.pop('pretrained', None)

@@ -10,6 +10,19 @@ Examples::
     # side-by-side with the unpruned model, machine-readable result
     python tools/export_onnx.py CONFIG PRUNED.pth --compare-to ORIG.pth \\
         --runs 200 --json result.json
+    # INT8 (onnxruntime static QDQ, per-channel) calibrated on 256 train
+    # images, checked against FP32 on val images, timed against FP32 ORIG
+    python tools/export_onnx.py CONFIG PRUNED.pth --int8 --calib 256 \\
+        --verify --compare-to ORIG.pth
+
+``--int8`` exports the FP32 graph to a temporary file (verified against
+PyTorch with ``--verify``), calibrates on ``--calib`` images of the config's
+own ``--calib-split`` loader (test pipeline, the model's preprocessor),
+quantizes (:mod:`cpd_mm.deploy.quantize`) and, with ``--verify``, requires
+INT8 and FP32 predictions to agree on ``--min-agreement`` of held-out val
+images (or pixels). The INT8 file is written only when onnxruntime really
+quantized compute nodes and the verification passed; ``--compare-to`` then
+times it against the FP32 graph of the unpruned model.
 
 A checkpoint whose ``meta['cpd_plan']`` holds a pruning plan is rebuilt from
 the original config and shrunk with the plan before its weights are loaded
@@ -46,6 +59,11 @@ from cpd_mm.deploy import (DEFAULT_ATOL, DEFAULT_OPSET, DEFAULT_RTOL,
                            select_providers, verify_onnx, write_json)
 from cpd_mm.deploy.benchmark import require_onnxruntime
 from cpd_mm.deploy.complexity import format_count
+from cpd_mm.deploy.data import DataConfigError
+from cpd_mm.deploy.int8 import (DEFAULT_CALIB, DEFAULT_MIN_AGREEMENT,
+                                export_int8)
+from cpd_mm.deploy.quantize import (CALIBRATION_METHODS, TARGETS,
+                                    QuantizationError)
 from cpd_mm.deploy.onnx_export import ExportError, require_onnxsim
 from cpd_mm.deploy.wrappers import UnsupportedModelError
 from cpd_mm.deploy.report import JSON_SCHEMA_VERSION
@@ -92,6 +110,30 @@ def parse_args(argv=None):
                    '--benchmark): parameters, FLOPs, latency, speed-up')
     p.add_argument('--compare-config', metavar='CONFIG',
                    help='config of --compare-to (default: CONFIG)')
+    q = p.add_argument_group('INT8')
+    q.add_argument('--int8', action='store_true', help='export an INT8 '
+                   'graph (static QDQ, per-channel weights) calibrated on '
+                   "the config's data")
+    q.add_argument('--calib', type=int, default=DEFAULT_CALIB, metavar='N',
+                   help=f'calibration images (default {DEFAULT_CALIB})')
+    q.add_argument('--calib-split', default='train',
+                   choices=['train', 'val', 'test'],
+                   help='loader the calibration images come from (default '
+                   'train: none of the images accuracy is measured on)')
+    q.add_argument('--calib-method', default='minmax',
+                   choices=list(CALIBRATION_METHODS))
+    q.add_argument('--int8-target', default='cpu', choices=list(TARGETS),
+                   help='cpu: uint8 asymmetric activations (CPU provider, '
+                   'OpenVINO); gpu: int8 symmetric (TensorRT, CUDA)')
+    q.add_argument('--fp32-nodes', nargs='+', default=[], metavar='NODE',
+                   help='names of FP32-graph nodes to keep in FP32')
+    q.add_argument('--auto-fp32', type=int, default=0, metavar='K',
+                   help='also keep the K nodes in FP32 whose quantization '
+                   'costs most (measured on the calibration images)')
+    q.add_argument('--min-agreement', type=float,
+                   default=DEFAULT_MIN_AGREEMENT,
+                   help='--verify: fraction of held-out images (pixels) on '
+                   'which INT8 and FP32 must predict the same class')
     p.add_argument('--json', metavar='FILE', help='write the results as JSON')
     p.add_argument('--force', action='store_true',
                    help='overwrite existing --out / --json files')
@@ -114,7 +156,21 @@ def parse_args(argv=None):
         p.error('--atol and --rtol must be >= 0')
     if args.compare_config and not args.compare_to:
         p.error('--compare-config needs --compare-to')
-    args.out = args.out or default_output_path(args.checkpoint)
+    if args.int8:
+        if args.batch != 1 or args.dynamic_batch or args.simplify:
+            p.error('--int8 exports batch 1 without --dynamic-batch and '
+                    '--simplify')
+        if args.calib < 1 or args.auto_fp32 < 0 or not (
+                0 <= args.min_agreement <= 1):
+            p.error(f'--int8 needs --calib >= 1, --auto-fp32 >= 0 and '
+                    f'--min-agreement in [0, 1], got {args.calib}, '
+                    f'{args.auto_fp32}, {args.min_agreement}')
+    elif args.fp32_nodes or args.auto_fp32:
+        p.error('--fp32-nodes / --auto-fp32 need --int8')
+    default = default_output_path(args.checkpoint)
+    if args.int8:
+        default = default[:-len('.onnx')] + '_int8.onnx'
+    args.out = args.out or default
     args.benchmark = args.benchmark or bool(args.compare_to)
     return args
 
@@ -131,7 +187,7 @@ def _preflight(args):
             raise CheckpointError(f'checkpoint file not found: {path}')
     if args.simplify:
         require_onnxsim()
-    if args.verify or args.benchmark:
+    if args.verify or args.benchmark or args.int8:
         require_onnxruntime()
         args.providers = select_providers(args.providers)
 
@@ -166,6 +222,44 @@ def _export_one(model, args, out, shape, channels, force, label):
               f'rtol={args.rtol:g}; argmax agreement '
               f'{verified["argmax_agreement"]:.2%}')
     return info, verified or None
+
+
+def _export_int8(model, args, shape, channels, label):
+    """FP32 export (verified against PyTorch with --verify), calibration,
+    quantization, INT8 verification; publishes ``args.out``."""
+    fp32_check = {}
+
+    def check(tmp):
+        fp32_check.update(verify_onnx(model, tmp, (channels, *shape), [1],
+                                      args.atol, args.rtol, args.providers))
+
+    result = export_int8(
+        model, args.out, shape, args.calib, args.calib_method,
+        args.int8_target, args.fp32_nodes, args.auto_fp32, args.calib_split,
+        verify=args.verify, min_agreement=args.min_agreement,
+        in_channels=channels, opset=args.opset, force=args.force,
+        providers=args.providers,
+        before_quantize=check if args.verify else None)
+    info, q = result['onnx'], result['int8']
+    info.update(path=q['path'], size_bytes=q['size_bytes'])
+    print(f'[{label}] exported INT8 {info["task"]} model to {args.out} '
+          f'({q["size_bytes"] / 1e6:.2f} MB, {q["quantized_compute_nodes"]}'
+          f'/{q["compute_nodes"]} compute nodes quantized, calibrated on '
+          f'{q["calib_images"]} images with {q["method"]}'
+          + (f', FP32 nodes {q["fp32_nodes"]}' if q['fp32_nodes'] else '')
+          + ')')
+    if fp32_check:
+        print(f'[{label}] FP32 graph verified against PyTorch: max |ort - '
+              f'torch| = {fp32_check["max_abs_diff"]:.3g}')
+    v = result['verify']
+    if v:
+        print(f'[{label}] INT8 verified against FP32 on {v["images"]} '
+              f'held-out images: prediction agreement '
+              f'{v["argmax_agreement"]:.2%} (required '
+              f'{v["min_agreement"]:.0%}), relative error '
+              f'{v["relative_error"]:.3g}')
+    return info, dict(fp32=fp32_check or None, int8=v) if args.verify \
+        else None, q
 
 
 def _complexity(model, args, shape, channels, label):
@@ -214,8 +308,13 @@ def run(args) -> dict:
           'channels')
 
     label = 'pruned' if args.compare_to else 'model'
-    info, verified = _export_one(model, args, args.out, shape, channels,
-                                 args.force, label)
+    int8 = None
+    if args.int8:
+        info, verified, int8 = _export_int8(model, args, shape, channels,
+                                            label)
+    else:
+        info, verified = _export_one(model, args, args.out, shape, channels,
+                                     args.force, label)
     complexity = _complexity(model, args, shape, channels, label)
     report = dict(
         schema_version=JSON_SCHEMA_VERSION,
@@ -231,6 +330,8 @@ def run(args) -> dict:
         params=complexity['params'],
         flops=complexity['flops'],
         verify=verified,
+        precision='int8' if args.int8 else 'fp32',
+        int8=int8,
         benchmark=None,
         compare=None)
 
@@ -275,8 +376,8 @@ def main(argv=None) -> int:
     try:
         run(args)
     except (CheckpointError, VerificationError, ExportError, FileExistsError,
-            IsADirectoryError, ImportError, ValueError,
-            UnsupportedModelError) as exc:
+            IsADirectoryError, ImportError, ValueError, QuantizationError,
+            DataConfigError, UnsupportedModelError) as exc:
         if os.environ.get('CPD_MM_TRACEBACK') == '1':  # as tools/train.py
             raise
         print(f'error: {exc}', file=sys.stderr)

@@ -6,6 +6,12 @@ Same command line as the upstream ``tools/test.py`` of both projects::
         [--show-dir DIR] [--cfg-options KEY=VALUE ...]
         [--launcher none|pytorch|slurm|mpi]
 
+An exported graph instead of a checkpoint (``CONFIG model.onnx``, FP32 or
+INT8, from tools/export_onnx.py) is evaluated under onnxruntime with the
+config's test loader and evaluator (:mod:`cpd_mm.deploy.onnx_eval`): the
+accuracy of the deployed model. ``--providers`` and ``--threads`` pick the
+onnxruntime session; ``--out`` dumps its predictions as for a checkpoint.
+
 A missing checkpoint or data root, or a failed model-zoo download, is
 reported before the runner is built; a pruned checkpoint prunes the model
 built from the config to its plan (``CPDRunner``) before the weights load.
@@ -23,7 +29,8 @@ from mmengine.evaluator import DumpResults  # noqa: E402
 import cpd_mm  # noqa: F401,E402  (registers modules, safe checkpoint loading)
 from cpd_mm.prune import CPDRunner  # noqa: E402
 from cpd_mm.utils.cli import (  # noqa: E402
-    CLIError, build_runner, check_checkpoint, check_data_paths, check_hooks,
+    CLIError, build_runner, check_checkpoint, check_data_paths, check_file,
+    check_hooks,
     check_launcher, load_config, merge_cfg_options,
     refuse_pruned_checkpoint, run_cli, set_local_rank)
 
@@ -47,6 +54,11 @@ def parse_args(argv=None):
                         choices=['none', 'pytorch', 'slurm', 'mpi'],
                         default='none', help='job launcher')
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    parser.add_argument('--providers', nargs='+', metavar='EP',
+                        help='onnxruntime execution providers (ONNX only)')
+    parser.add_argument('--threads', type=int, default=0,
+                        help='onnxruntime intra-op threads (ONNX only; 0: '
+                        'its default)')
     args = parser.parse_args(argv)
     set_local_rank(args.local_rank)
     return args
@@ -86,12 +98,32 @@ def merge_args(cfg, args):
     return cfg
 
 
+def test_onnx(args):
+    """Evaluate an exported graph (FP32 or INT8) with onnxruntime."""
+    from cpd_mm.deploy.data import DataConfigError
+    from cpd_mm.deploy.onnx_eval import GraphInputError, evaluate_onnx
+    if args.launcher != 'none' or args.show_dir:
+        raise CLIError('an ONNX graph is evaluated in one process without '
+                       '--show-dir; drop --launcher / --show-dir')
+    check_file(args.checkpoint, 'ONNX model')
+    cfg = load_config(args.config)
+    merge_cfg_options(cfg, args.cfg_options)
+    check_data_paths(cfg, ['test_dataloader'])
+    try:
+        return evaluate_onnx(cfg, args.checkpoint, args.providers,
+                             args.threads, out=args.out)
+    except (DataConfigError, GraphInputError, ValueError) as e:
+        raise CLIError(str(e)) from e
+
+
 def main(argv=None):
     """Evaluate; return the metrics. User errors raise CLIError."""
     args = parse_args(argv)
-    check_launcher(args.launcher)
     if args.out is not None and not args.out.endswith(('.pkl', '.pickle')):
         raise CLIError(f'--out must be a .pkl or .pickle file, got {args.out}')
+    if args.checkpoint.endswith('.onnx'):
+        return test_onnx(args)
+    check_launcher(args.launcher)
     cfg = load_config(args.config)
     check_checkpoint(args.checkpoint)  # fail before the slow runner build
     merge_cfg_options(cfg, args.cfg_options)
