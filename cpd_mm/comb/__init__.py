@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from .forward import default_forward
 from .gates import ChannelGates
+from .generic import generic_copy, redraw_
 from .groups import ChannelGroup, CombResult
 from .handlers import PrunedMultiheadAttention
 from .surgery import prune_model
@@ -22,7 +23,7 @@ from .verify import Verification, verify_comb
 
 __all__ = ['comb_model', 'ChannelGroup', 'CombResult', 'ChannelGates',
            'prune_model', 'default_forward', 'verify_comb', 'Verification',
-           'PrunedMultiheadAttention']
+           'PrunedMultiheadAttention', 'generic_copy', 'redraw_']
 
 
 def comb_model(model: nn.Module,
@@ -45,8 +46,10 @@ def comb_model(model: nn.Module,
         exclude: module names whose output channels must never be pruned
             (the model's outputs are always excluded).
         verify: check every prunable group with random plans (gated vs
-            physically pruned outputs) and freeze the groups that fail,
-            with the reason (see :mod:`cpd_mm.comb.verify`); the report is
+            physically pruned outputs, on a copy with generic weights) and
+            freeze the groups that fail, with the reason; a forward that is
+            not deterministic freezes every group, with the advice (see
+            :mod:`cpd_mm.comb.verify`); the report is
             ``result.verification``.
         logger: ``logger(message)`` for what verification freezes.
 
@@ -78,8 +81,7 @@ def comb_model(model: nn.Module,
                            and tracer.calls.get(n, 0) == 0]
         if verify:
             result.verification = verify_comb(model, result, example_inputs,
-                                              forward, logger=logger,
-                                              reference=tracer.output)
+                                              forward, logger=logger)
     finally:
         model.train(was_training)
     return result
