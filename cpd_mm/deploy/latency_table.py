@@ -32,6 +32,13 @@ machine load between the layer and the model measurements cancels in it. A
 table restricted to some ``layers`` predicts ``full_ms - (T0 - T)`` instead
 (the rest of the model stays as measured).
 
+Precision. ``precision='int8'`` measures every graph (layers and model)
+quantized as ``tools/export_onnx.py --int8`` quantizes (static QDQ,
+per-channel weights; :func:`cpd_mm.deploy.layer_timing.deployed_graph`),
+so that pruning with ``target='latency'`` picks the structure that is
+fastest in the deployed precision; the (de)quantization at the edges of a
+layer graph is left out of its time. Tables are cached per precision.
+
 Caveats. On the CPU provider a conv whose channel counts are not multiples
 of :attr:`LatencyTable.channel_block` leaves onnxruntime's blocked NCHWc
 kernels for a slower path inside a model; the table interpolates as if it
@@ -58,7 +65,7 @@ from torch import nn
 from .atomic import atomic_output
 from .benchmark import require_onnxruntime
 from .layer_specs import discover_layers, interpolate, output_size, widths_of
-from .layer_timing import LayerTimer, measure_table
+from .layer_timing import PRECISIONS, LayerTimer, measure_table
 
 __all__ = ['LatencyTable', 'default_cache_dir', 'choose_providers',
            'FORMAT', 'METHODS']
@@ -164,6 +171,7 @@ class LatencyTable:
         full_ms (float): measured median latency of the whole model.
         provider (str): onnxruntime provider that ran the measurements.
         threads (int): intra-op threads.
+        precision (str): ``'fp32'`` or ``'int8'``.
         clock (str): ``'cpu'`` (CPU time of the running thread; one thread
             on the CPU provider) or ``'wall'``.
         channel_block (int): channel multiple of the CPU's blocked conv
@@ -194,7 +202,8 @@ class LatencyTable:
               layers: Optional[Sequence[str]] = None,
               providers: Optional[Sequence[str]] = None, threads: int = 1,
               cache_dir: Optional[str] = None, logger=None,
-              samples: int = 5, rebuild: bool = False) -> 'LatencyTable':
+              samples: int = 5, rebuild: bool = False,
+              precision: str = 'fp32') -> 'LatencyTable':
         """Measure (or load from the cache) the table of ``model``.
 
         Args:
@@ -215,11 +224,16 @@ class LatencyTable:
             logger: an mmengine logger, its name, or a ``logging.Logger``.
             samples: widths sampled per axis (2-6).
             rebuild: measure even when the cache has this table.
+            precision: 'fp32' or 'int8' (graphs quantized as INT8 export
+                does; part of the cache key).
         """
         shape = tuple(int(s) for s in input_shape)
         if len(shape) < 3 or min(shape) < 1:
             raise ValueError('input_shape must be (N, C, *spatial) with '
                              f'positive sizes, but got {tuple(input_shape)}')
+        if precision not in PRECISIONS:
+            raise ValueError(f'precision must be one of {PRECISIONS}, but '
+                             f'got {precision!r}')
         if threads < 1 or not 2 <= samples <= 6:
             raise ValueError(f'need threads >= 1 and 2 <= samples <= 6, but '
                              f'got threads={threads}, samples={samples}')
@@ -236,7 +250,8 @@ class LatencyTable:
         cpu = _cpu_info()
         runtime = dict(onnxruntime=ort.__version__, torch=torch.__version__,
                        providers=chosen, threads=threads, cpu=cpu,
-                       input_shape=list(shape), samples=samples)
+                       input_shape=list(shape), samples=samples,
+                       precision=precision)
         key = hashlib.sha1(json.dumps(dict(
             format=FORMAT, measurement=MEASUREMENT_VERSION, model=repr(model),
             found=found, runtime=runtime),
@@ -259,7 +274,8 @@ class LatencyTable:
         timer = LayerTimer(chosen, threads)
         try:
             data = measure_table(fwd, example, found, timer, samples,
-                                 _channel_block(chosen, cpu), logger)
+                                 _channel_block(chosen, cpu), logger,
+                                 precision=precision)
         finally:
             timer.close()
         if data['provider'] != chosen[0]:
@@ -293,6 +309,8 @@ class LatencyTable:
     provider = property(lambda self: self.data['provider'])
     threads = property(lambda self: self.data['runtime']['threads'])
     clock = property(lambda self: self.data['clock'])
+    precision = property(
+        lambda self: self.data['runtime'].get('precision', 'fp32'))
     channel_block = property(lambda self: self.data['channel_block'])
     layers = property(lambda self: self.data['layers'])
     attention_keys = property(lambda self: list(self.data['attention']))

@@ -58,11 +58,16 @@ from .rewrites import exportable_modules
 
 __all__ = ['export_graph', 'LayerTimer', 'profile_node_times',
            'time_sessions', 'bound_runner', 'clock_for', 'measure_table',
-           'EXCLUDED_OPS']
+           'deployed_graph', 'EXCLUDED_OPS', 'PRECISIONS']
 
-#: Ops left out of a layer's time: NCHWc layout changes and views.
+#: Ops left out of a layer's time: NCHWc layout changes and views, and the
+#: (de)quantization at the edges of an INT8 layer graph (inside an INT8
+#: model, integer layers feed each other without them).
 EXCLUDED_OPS = ('ReorderInput', 'ReorderOutput', 'Reshape', 'Squeeze',
-                'Unsqueeze', 'Flatten', 'Identity')
+                'Unsqueeze', 'Flatten', 'Identity', 'QuantizeLinear',
+                'DequantizeLinear')
+#: precisions a table can be measured in
+PRECISIONS = ('fp32', 'int8')
 
 
 def export_graph(module: nn.Module, inputs: Sequence[torch.Tensor],
@@ -92,6 +97,26 @@ def export_graph(module: nn.Module, inputs: Sequence[torch.Tensor],
                           f'timing: {reason}') from exc
     finally:
         module.train(was_training)
+    return path
+
+
+def deployed_graph(module: nn.Module, inputs: Sequence[torch.Tensor],
+                   path: str, precision: str = 'fp32') -> str:
+    """:func:`export_graph`, then, for ``precision='int8'``, quantized as
+    INT8 export does (static QDQ, per-channel weights, calibrated on
+    ``inputs``: the values do not matter for timing, the kernels do)."""
+    export_graph(module, inputs, path)
+    if precision == 'int8':
+        from .quantize import quantize_for_timing
+        fp32 = path + '.fp32'
+        os.replace(path, fp32)
+        names = [f'input{i}' for i in range(len(inputs))]
+        feeds = [{n: x.detach().cpu().numpy() for n, x in zip(names,
+                                                              inputs)}]
+        try:
+            quantize_for_timing(fp32, path, feeds)
+        finally:
+            os.remove(fp32)
     return path
 
 
@@ -286,9 +311,9 @@ class _FullModel:
     """The whole model, run a few times after each layer spec so that its
     latency is sampled under the same machine load as the layers'."""
 
-    def __init__(self, fwd, example, timer):
+    def __init__(self, fwd, example, timer, precision='fp32'):
         path = timer.tmp_path('full_model.onnx')
-        export_graph(fwd, [example], path)
+        deployed_graph(fwd, [example], path, precision)
         self.session = create_session(path, timer.providers, timer.threads)
         os.remove(path)
         self.feed = {self.session.get_inputs()[0].name:
@@ -316,7 +341,8 @@ class _FullModel:
 
 def measure_table(fwd: nn.Module, example: torch.Tensor, found: dict,
                   timer: LayerTimer, samples: int, block: int,
-                  logger=None, full_runs: int = 20) -> dict:
+                  logger=None, full_runs: int = 20,
+                  precision: str = 'fp32') -> dict:
     """Time every distinct spec of ``found`` on its grid, and the model.
 
     Args:
@@ -327,12 +353,17 @@ def measure_table(fwd: nn.Module, example: torch.Tensor, found: dict,
         samples, block: widths per axis and channel block
             (:func:`cpd_mm.deploy.layer_specs.spec_axes`).
         full_runs: whole-model runs, spread over the build.
+        precision: 'fp32', or 'int8': every graph (layers and model)
+            quantized (:func:`deployed_graph`).
 
     Returns:
         dict: the measured part of a latency table's data (``specs``,
         ``layers``, ``attention``, ``full_ms``, ``full``, ...).
     """
-    full = _FullModel(fwd, example, timer)
+    if precision not in PRECISIONS:
+        raise ValueError(f'precision must be one of {PRECISIONS}, but got '
+                         f'{precision!r}')
+    full = _FullModel(fwd, example, timer, precision)
     specs, layer_ids, attn_ids = {}, {}, {}
     for name, calls in found['layers'].items():
         layer_ids[name] = [spec_id(s) for s in calls]
@@ -351,8 +382,9 @@ def measure_table(fwd: nn.Module, example: torch.Tensor, found: dict,
         graphs = []
         for i, p in enumerate(points):
             module, inputs = build_layer(spec, p)
-            path = export_graph(module, inputs,
-                                timer.tmp_path(f'{sid}_{i}.onnx'))
+            path = deployed_graph(module, inputs,
+                                  timer.tmp_path(f'{sid}_{i}.onnx'),
+                                  precision)
             graphs.append((path, [x.numpy() for x in inputs]))
         runs = timer.time_graphs(graphs)
         shape = [len(a) for a in grids[sid]]
@@ -372,5 +404,6 @@ def measure_table(fwd: nn.Module, example: torch.Tensor, found: dict,
     return dict(specs=out, layers=layer_ids, attention=attn_ids,
                 uncovered=found['uncovered'], provider=stats['provider'],
                 clock=stats['clock'], mode=timer.mode or 'none',
-                channel_block=block, full_ms=stats['median_ms'], full=stats,
+                channel_block=block, precision=precision,
+                full_ms=stats['median_ms'], full=stats,
                 graphs=timer.count)

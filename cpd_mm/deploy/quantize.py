@@ -12,6 +12,7 @@ A file is only published under its name when quantization really happened:
 result and :func:`quantize_onnx` refuses a graph without any.
 """
 import inspect
+import logging
 import os
 import os.path as osp
 import tempfile
@@ -25,14 +26,14 @@ from .benchmark import create_session, require_onnxruntime
 
 __all__ = ['QuantizationError', 'CALIBRATION_METHODS', 'TARGETS',
            'COMPUTE_OPS', 'quantization_summary', 'quantize_onnx',
-           'compute_nodes', 'output_error']
+           'quantize_for_timing', 'compute_nodes', 'output_error']
 
 #: calibration methods by their command-line name
 CALIBRATION_METHODS = {'minmax': 'MinMax', 'entropy': 'Entropy',
                        'percentile': 'Percentile'}
 TARGETS = ('cpu', 'gpu')
 #: ops that carry the compute of a vision model (what INT8 is for)
-COMPUTE_OPS = ('Conv', 'ConvTranspose', 'MatMul', 'Gemm')
+COMPUTE_OPS = ('Conv', 'ConvTranspose', 'MatMul', 'Gemm', 'Einsum')
 _INTEGER_OPS = ('QLinearConv', 'QLinearMatMul', 'ConvInteger',
                 'MatMulInteger', 'QGemm')
 
@@ -56,9 +57,9 @@ def compute_nodes(model) -> List[str]:
 def quantization_summary(model) -> dict:
     """What is quantized in a graph (a path or ``onnx.ModelProto``).
 
-    A compute node counts as quantized when every float input it reads is
-    produced by a ``DequantizeLinear`` (or initialised by a quantized
-    weight: QDQ graphs), or when it is an integer op itself.
+    A compute node counts as quantized when every input it reads (weight
+    and bias included) is produced by a ``DequantizeLinear`` (QDQ graphs),
+    or when it is an integer op itself.
 
     Returns:
         dict: ``quantize_linear``, ``dequantize_linear``, ``integer_ops``
@@ -75,9 +76,10 @@ def quantization_summary(model) -> dict:
         if n.op_type not in COMPUTE_OPS:
             continue
         total += 1
-        # input 0 (activation) and 1 (weight) must come through DQ; bias
-        # is int32 in QDQ graphs, and also reaches the op through a DQ.
-        reads = [i for i in n.input[:2] if i]
+        # activation, weight and bias must all come through a DQ (the bias
+        # as int32): a float input keeps onnxruntime from fusing the group
+        # into an integer kernel
+        reads = [i for i in n.input if i]
         if not all(i in producer and producer[i].op_type ==
                    'DequantizeLinear' for i in reads if i not in weights):
             fp32.append(n.name)
@@ -93,11 +95,11 @@ def quantization_summary(model) -> dict:
 
 
 class _Reader:
-    """onnxruntime ``CalibrationDataReader`` over a list of arrays."""
+    """onnxruntime ``CalibrationDataReader`` over a list of feeds."""
 
-    def __init__(self, input_name: str, arrays: Sequence[np.ndarray]):
-        self._feeds = [{input_name: np.ascontiguousarray(a, np.float32)}
-                       for a in arrays]
+    def __init__(self, feeds: Sequence[dict]):
+        self._feeds = [{k: np.ascontiguousarray(a, np.float32)
+                        for k, a in f.items()} for f in feeds]
         self._i = 0
 
     def get_next(self):
@@ -113,10 +115,10 @@ class _Reader:
         self._i = 0
 
 
-def _reader(input_name, arrays):
+def _reader(feeds):
     from onnxruntime.quantization import CalibrationDataReader
     cls = type('ArrayReader', (_Reader, CalibrationDataReader), {})
-    return cls(input_name, arrays)
+    return cls(feeds)
 
 
 def _inline_identities(src: str, dst: str) -> str:
@@ -176,38 +178,67 @@ def _quantize(src, dst, reader, method, target, exclude, cache, percentile):
         kwargs['calibration_cache_path'] = cache  # calibrate once, reuse
     if reader is not None:
         reader.rewind()
-    quantize_static(src, dst, reader, **kwargs)
+    # the quantizer warns on the root logger about every tensor it skips
+    # (LayerNorm weights, shared biases): the summary reports what counts
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        quantize_static(src, dst, reader, **kwargs)
+    finally:
+        root.setLevel(level)
 
 
-def output_error(reference: List[np.ndarray], session, input_name: str,
-                 arrays: Sequence[np.ndarray]) -> float:
-    """Mean squared error of ``session``'s outputs against ``reference``
-    (per image, all outputs concatenated), relative to the reference's
-    variance: 0 is exact, 1 is as wrong as predicting the mean."""
-    err = var = 0.0
-    for ref, x in zip(reference, arrays):
-        out = np.concatenate([o.ravel() for o in session.run(
-            None, {input_name: x})])
-        err += float(np.mean((out - ref) ** 2))
-        var += float(np.var(ref))
-    return err / max(var, 1e-12)
+def quantize_for_timing(src: str, dst: str, feeds: Sequence[dict],
+                        target: str = 'cpu') -> str:
+    """Quantize a graph as :func:`quantize_onnx` does (minmax on ``feeds``,
+    no checks): for latency, where values do not matter but the kernels
+    do (:mod:`cpd_mm.deploy.latency_table` with ``precision='int8'``). A
+    node onnxruntime cannot quantize stays FP32, as in a deployed model."""
+    with tempfile.TemporaryDirectory(prefix='cpd_mm_int8_') as tmp:
+        src = _preprocess(src, tmp, 'silent')
+        _quantize(src, dst, _reader(feeds), 'minmax', target, (), None,
+                  99.999)
+    return dst
+
+
+def output_error(reference: Sequence[List[np.ndarray]],
+                 outputs: Sequence[List[np.ndarray]]) -> float:
+    """Quantization error of ``outputs`` against ``reference`` (per image,
+    the list of graph outputs): per output and channel (axis 1), the mean
+    squared error over images and positions relative to the reference's
+    variance there, averaged. 0 is exact, 1 is as wrong as predicting the
+    channel mean; a channel of small values counts as much as a large one
+    (a few large logits would otherwise hide the loss of all others)."""
+    errors = []
+    for k in range(len(reference[0])):
+        ref = np.stack([r[k] for r in reference]).astype(np.float64)
+        out = np.stack([o[k] for o in outputs]).astype(np.float64)
+        # [images, batch, channels, ...] -> channels first
+        ref, out = (np.moveaxis(a, 2, 0).reshape(a.shape[2], -1)
+                    if a.ndim > 2 else a.reshape(1, -1) for a in (ref, out))
+        mse = ((out - ref) ** 2).mean(axis=1)
+        var = ref.var(axis=1)
+        errors.append(mse / np.maximum(var, 1e-12 + 1e-6 * var.max()))
+    return float(np.concatenate(errors).mean())
 
 
 def _sensitivity(src, reader, method, target, exclude, cache, percentile,
                  arrays, tmp, logger) -> Dict[str, float]:
     """Per compute node: how much the output error drops when only that
     node stays FP32 (one quantization each; calibration is cached)."""
-    fp32 = create_session(src, ['CPUExecutionProvider'])
-    name = fp32.get_inputs()[0].name
-    refs = [np.concatenate([o.ravel() for o in fp32.run(None, {name: x})])
-            for x in arrays]
+    def run(path):
+        session = create_session(path, ['CPUExecutionProvider'])
+        name = session.get_inputs()[0].name
+        return [session.run(None, {name: x}) for x in arrays]
+
+    refs = run(src)
     path = osp.join(tmp, 'probe.onnx')
 
     def error(excluded):
         _quantize(src, path, reader, method, target, excluded, cache,
                   percentile)
-        return output_error(refs, create_session(
-            path, ['CPUExecutionProvider']), name, arrays)
+        return output_error(refs, run(path))
 
     base = error(exclude)
     candidates = [n for n in compute_nodes(src) if n not in exclude]
@@ -274,7 +305,7 @@ def quantize_onnx(fp32_path: str, out: str,
             f'compute nodes are e.g. {names[:6]}')
     input_name = create_session(fp32_path, ['CPUExecutionProvider']
                                 ).get_inputs()[0].name
-    reader = _reader(input_name, calib_images)
+    reader = _reader([{input_name: a} for a in calib_images])
     info = dict(method=method, target=target, calib_images=len(calib_images),
                 per_channel=True, format='QDQ',
                 activation_type='int8' if target == 'gpu' else 'uint8',
