@@ -49,3 +49,28 @@ def generic_weights(model, seed=0):
 def save_checkpoint(model, path):
     torch.save({'state_dict': model.state_dict(), 'meta': {}}, str(path))
     return str(path)
+
+
+def fit_classifier_head(model):
+    """Fit the linear head of a classifier to its config's train images
+    (ridge regression on the pooled features): a random backbone then
+    predicts several classes, so agreement tests can fail."""
+    from cpd_mm.deploy.data import build_loader, preprocessed_batches
+    loader, _, _ = build_loader(model.cfg, 'train', test_pipeline=True)
+    feats, labels = [], []
+    with torch.no_grad():
+        for x, samples, _ in preprocessed_batches(loader,
+                                                  model.data_preprocessor):
+            feats.append(model.extract_feat(x)[-1])
+            labels += [int(s.gt_label[0]) for s in samples]
+        f = torch.cat(feats)
+        mean, std = f.mean(0), f.std(0) + 1e-6
+        f = torch.cat([(f - mean) / std, torch.ones(len(f), 1)], 1)
+        y = torch.nn.functional.one_hot(
+            torch.tensor(labels), model.head.fc.out_features).float()
+        w = torch.linalg.solve(f.T @ f + 1e-1 * torch.eye(f.shape[1]),
+                               f.T @ y).T
+        fc = model.head.fc
+        fc.weight.copy_(w[:, :-1] / std)
+        fc.bias.copy_(w[:, -1] - (w[:, :-1] / std) @ mean)
+    return model

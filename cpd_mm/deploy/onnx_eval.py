@@ -109,10 +109,10 @@ def evaluate_onnx(config, onnx_path: str,
     model = init_model(config, None, device or 'cpu', cfg_options)
     cfg = model.cfg
     task = model_task(model)
+    loader, metainfo, total = build_loader(cfg, split, logger=logger)
     if not cfg.get(f'{split}_evaluator'):
         raise DataConfigError(f'the config has no {split}_evaluator to '
                               'score the graph with')
-    loader, metainfo, total = build_loader(cfg, split, logger=logger)
     evaluator = cfg[f'{split}_evaluator']
     evaluator = Evaluator(evaluator if isinstance(evaluator, (list, tuple))
                           else [evaluator])
