@@ -45,7 +45,7 @@ test_pipeline = [
 REPORT_KEYS = {
     'schema_version', 'cpd_mm_version', 'config', 'checkpoint', 'task',
     'pruned', 'device', 'input_size', 'input_size_source', 'onnx', 'params',
-    'flops', 'verify', 'benchmark', 'compare'
+    'flops', 'verify', 'precision', 'int8', 'benchmark', 'compare'
 }
 ONNX_KEYS = {
     'path', 'task', 'opset', 'input_name', 'output_name', 'input_shape',

@@ -243,3 +243,45 @@ def test_bad_input():
     with pytest.raises(ValueError, match="'nope'"):
         LatencyTable.build(ConvNet(), CONV_SHAPE, layers=['nope'],
                            cache_dir=False)
+
+
+def test_int8_table_times_quantized_graphs(conv_table, vit_table, cache,
+                                           monkeypatch):
+    """precision='int8': every timed graph (layers at each width, attention
+    cores, the whole model) is a quantized one, the table says so, and it
+    is cached apart from the FP32 table."""
+    from cpd_mm.deploy.quantize import quantization_summary
+    timed = []
+    real = layer_timing.LayerTimer.time_graphs
+
+    def spy(self, graphs):
+        timed.extend(quantization_summary(p) for p, _ in graphs)
+        return real(self, graphs)
+
+    monkeypatch.setattr(layer_timing.LayerTimer, 'time_graphs', spy)
+    full = []
+    real_full = layer_timing._FullModel.__init__
+
+    def spy_full(self, fwd, example, timer, precision='fp32'):
+        full.append(precision)
+        real_full(self, fwd, example, timer, precision)
+
+    monkeypatch.setattr(layer_timing._FullModel, '__init__', spy_full)
+    for net, shape, fp32 in ((ConvNet(), CONV_SHAPE, conv_table),
+                             (TinyViT(), VIT_SHAPE, vit_table)):
+        t = LatencyTable.build(net.eval(), shape, cache_dir=cache,
+                               samples=2,
+                               precision='int8')
+        assert t.precision == 'int8' and fp32.precision == 'fp32'
+        assert t.data['key'] != fp32.data['key']
+        assert set(t.full_widths()) == set(fp32.full_widths())
+    assert full == ['int8', 'int8']
+    assert timed and all(s['quantized_compute_nodes'] >= 1 and
+                         not s['fp32_compute_nodes'] for s in timed)
+    n = len(timed)
+    again = LatencyTable.build(TinyViT().eval(), VIT_SHAPE, cache_dir=cache,
+                               samples=2, precision='int8')
+    assert len(timed) == n and again.precision == 'int8'  # a cache hit
+    with pytest.raises(ValueError, match="'int4'"):
+        LatencyTable.build(ConvNet(), CONV_SHAPE, cache_dir=False,
+                           precision='int4')
