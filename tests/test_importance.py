@@ -154,7 +154,7 @@ def test_gradient_accumulation_scores_each_backward():
 
 
 def test_amp_scores_are_unscaled_and_overflow_skipped():
-    from cpd_mm.prune.hook import inverse_loss_scale
+    from cpd_mm.prune.importance import inverse_loss_scale
     model, comb, scorer = _setup(ConvBN)
     x, t = torch.randn(4, 3, 4, 4), torch.randint(0, 5, (4, ))
     scorer.remove()

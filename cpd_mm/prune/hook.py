@@ -4,20 +4,22 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from mmengine.dist import (all_reduce, broadcast_object_list, is_distributed,
+from mmengine.dist import (all_gather_object, all_reduce,
+                           broadcast_object_list, is_distributed,
                            is_main_process)
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 
 from ..comb import ChannelGates, comb_model
+from ..comb.verify import model_outputs
 from .cost import METRICS, CostModel
 from .importance import (IMPORTANCE_TYPES, ImportanceAccumulator,
-                         normalise_by_memory)
+                         inverse_loss_scale, normalise_by_memory)
 from .plan import make_plan
 from .report import save_kept_chart, summary_table
 from .schedule import RANKINGS, select_channels, sparsity_at
-from .snapshot import save_pruned
+from .snapshot import example_input, save_pruned
 
 STATE_KEY = 'cpd_pruning'
 
@@ -29,18 +31,6 @@ def _number(v):
 def _check(ok, name, expected, value):
     if not ok:
         raise ValueError(f'`{name}` must be {expected}, but got {value!r}')
-
-
-def inverse_loss_scale(optim_wrapper):
-    """1 / the loss scale the next backward will use (AMP), or None; a
-    device tensor or a float, never a host synchronisation."""
-    scaler = getattr(optim_wrapper, 'loss_scaler', None)
-    if scaler is None or not getattr(scaler, 'is_enabled', lambda: True)():
-        return None
-    scale = getattr(scaler, '_scale', None)
-    if scale is None:  # set on the first scaled loss, to init_scale
-        return 1.0 / float(scaler._init_scale)
-    return torch.reciprocal(scale)
 
 
 @HOOKS.register_module()
@@ -104,9 +94,14 @@ class CPDPruningHook(Hook):
         Masks, accumulated scores and the step count are saved in every
         checkpoint under ``'cpd_pruning'`` (``before_save_checkpoint``) and
         restored on resume, so an interrupted run ends with the same masks.
-        Under DDP the scores are all-reduced so every rank masks the same
-        channels. With the ``CPDDistiller`` wrapper the student is pruned.
-        Priority NORMAL runs the pruning step before the CheckpointHook.
+        Under DDP each iteration's scores are all-reduced (one small
+        collective an iteration), so every rank holds the same sums and
+        masks the same channels, and the checkpoint rank 0 writes holds the
+        whole run's scores. With the ``CPDDistiller`` wrapper the student is
+        pruned. Priority NORMAL runs the pruning step before the
+        CheckpointHook. A pruned checkpoint is written only when the pruned
+        model computes what the gated one does; otherwise the run stops with
+        the groups that differ (see :mod:`cpd_mm.prune.snapshot`).
     """
     priority = 'NORMAL'
 
@@ -173,9 +168,15 @@ class CPDPruningHook(Hook):
         self.comb = None
 
     # ---------------------------------------------------------- set-up
-    def _student(self, runner):
-        model = runner.model.module if is_model_wrapper(runner.model) \
+    @staticmethod
+    def _model(runner):
+        """The runner's model without its DDP wrapper (a distiller or the
+        student itself)."""
+        return runner.model.module if is_model_wrapper(runner.model) \
             else runner.model
+
+    def _student(self, runner):
+        model = self._model(runner)
         return getattr(model, 'student', model)
 
     def before_run(self, runner) -> None:
@@ -203,10 +204,12 @@ class CPDPruningHook(Hook):
             if self.target == 'latency' else None
         self.cost = CostModel(student, self.comb, table)
         self.gates = ChannelGates(student, self.comb)
-        self.scorer = ImportanceAccumulator(student, self.comb,
-                                            self.importance, self.seed)
+        self.scorer = ImportanceAccumulator(
+            student, self.comb, self.importance, self.seed,
+            reduce=(lambda t: all_reduce(t, op='sum'))
+            if is_distributed() else None)
         self.kept = np.ones(self.comb.num_channels, dtype=bool)
-        self.saved, self._warned_unscored = [], False
+        self.saved = []
         self._inv_scale, self._scoring = None, True
         if state is not None:
             self._restore(state)
@@ -235,18 +238,42 @@ class CPDPruningHook(Hook):
                 'CPD: no prunable channel group was found (every group is '
                 'frozen, see the reasons above); run tools/check_pruning.py '
                 'on this config')
+        self._find_unscored(student, log)
         self._check_reachable(log)
+
+    def _find_unscored(self, student, log):
+        """One forward on comb's example input (eval mode: no statistics
+        move) marks the channels no gradient will score (frozen layers):
+        they are protected from the first step, and the budget counts
+        them."""
+        was_training = student.training
+        x = example_input(self.comb, next(iter(student.parameters())))
+        try:
+            unscored = self.scorer.find_unscored(
+                lambda: model_outputs(student.eval(), x, None))
+        finally:
+            student.train(was_training)
+        names = [g.name for g in self.comb.prunable_groups
+                 if unscored[g.channels].any()]
+        if names:
+            log.warning(
+                f'CPD: {len(names)} group(s) are not pruned: their layers\' '
+                'outputs do not require grad (frozen parameters, e.g. '
+                'frozen_stages), so no gate gradient exists: '
+                + ', '.join(names[:8]) + (' ...' if len(names) > 8 else ''))
 
     def _check_reachable(self, log):
         """Refuse, before training, a target that the floors forbid: the
         selection itself, run to an empty budget, gives the smallest
-        structure that ``max_removal``, ``min_channels``, ``round_to`` and
-        the frozen groups leave (for 'latency': as the table predicts)."""
+        structure that ``max_removal``, ``min_channels``, ``round_to``, the
+        frozen groups and the unscored channels leave (for 'latency': as
+        the table predicts)."""
         total = self.cost.total(self.target)
         smallest = select_channels(
             np.zeros(self.comb.num_channels), np.ones_like(self.kept),
             self.comb, self.cost, 0.0, self.target, self.min_channels,
-            self.round_to, max_removal=self.max_removal, ranking='score')
+            self.round_to, protected=self.scorer.unscored,
+            max_removal=self.max_removal, ranking='score')
         reachable = 1.0 - self.cost.evaluate(smallest, self.target) / total
         log.info(f'CPD: the floors allow a sparsity of {reachable:.3f} of '
                  f'{self.target} at most')
@@ -260,7 +287,9 @@ class CPDPruningHook(Hook):
                 f'CPDPruningHook: target_sparsity={self.target_sparsity} of '
                 f'{self.target} cannot be reached: with max_removal='
                 f'{self.max_removal}, min_channels={self.min_channels}, '
-                f'round_to={self.round_to} and the frozen groups, ' + what +
+                f'round_to={self.round_to}, the frozen groups and '
+                f'{int(self.scorer.unscored.sum())} channel(s) of layers '
+                'that do not train, ' + what +
                 f'{1 - reachable:.1%} of it (sparsity {reachable:.3f} at '
                 'most). Lower target_sparsity, raise max_removal, or lower '
                 'round_to' + ('; a latency measured at a small latency_shape'
@@ -294,14 +323,18 @@ class CPDPruningHook(Hook):
         return table
 
     def _sync_verification(self, state):
-        """Every rank freezes the same groups: rank 0's verification (or the
-        resumed run's) is the one that counts."""
-        frozen = dict(state.get('verified_frozen', {})) if state else \
-            dict(self.comb.verification.frozen)
-        if is_distributed():
-            obj = [frozen]
-            broadcast_object_list(obj, src=0)
-            frozen = obj[0]
+        """Every rank freezes the same groups: the union of what each
+        rank's verification (or the resumed run's) froze. A group that
+        failed its check anywhere is not trusted anywhere, and a freeze
+        cannot be undone on the rank that made it."""
+        frozen = frozen_here = dict(state.get('verified_frozen', {})) \
+            if state else dict(self.comb.verification.frozen)
+        if is_distributed():  # the same dict, in rank order, everywhere
+            frozen = {}
+            for rank, found in enumerate(all_gather_object(frozen_here)):
+                for name, reason in found.items():
+                    frozen.setdefault(name, reason if rank == 0 else
+                                      f'{reason} (on rank {rank})')
         for name, reason in frozen.items():
             self.comb.freeze_group(self.comb.group(name), reason)
         self.verified_frozen = frozen
@@ -331,15 +364,14 @@ class CPDPruningHook(Hook):
         if self.comb is None or not self._scoring:
             return
         self._inv_scale = inverse_loss_scale(runner.optim_wrapper)
-        if self.importance == 'hessian_fd':
-            self.scorer.probe(self.gates, self._loss_fn(runner, data_batch))
+        if self.importance == 'hessian_fd':  # buffers: the distiller's too
+            self.scorer.probe(self.gates, self._loss_fn(runner, data_batch),
+                              module=self._model(runner))
 
-    @staticmethod
-    def _loss_fn(runner, data_batch):
+    def _loss_fn(self, runner, data_batch):
         """The training loss of ``data_batch`` (task + distillation), as
         the train step computes it, without DDP's hooks or an update."""
-        model = runner.model.module if is_model_wrapper(runner.model) \
-            else runner.model
+        model = self._model(runner)
 
         def loss():
             with runner.optim_wrapper.optim_context(model):
@@ -376,26 +408,14 @@ class CPDPruningHook(Hook):
                            self.target_sparsity)
         if goal <= self.sparsity():
             return
-        if is_distributed() and self.importance in ('hessian', 'hessian_fd',
-                                                    'taylor'):
-            all_reduce(self.scorer.scores, op='sum')
-        scores = self.scorer.current(self.steps)
+        scores = self.scorer.current(self.steps)  # the same on every rank
         if self.memory_norm:
             scores = normalise_by_memory(scores, self.comb, self.kept)
         unscored = self.scorer.unscored
-        if is_distributed():
+        if is_distributed():  # (a layer only one rank saw not training)
             t = torch.as_tensor(unscored.astype(np.float32))
             all_reduce(t, op='sum')
             unscored = t.numpy() > 0
-        if unscored.any() and not self._warned_unscored:
-            self._warned_unscored = True
-            names = [g.name for g in self.comb.groups
-                     if unscored[g.channels].any()]
-            runner.logger.warning(
-                f'CPD: {len(names)} group(s) are not pruned: their layers\' '
-                'outputs do not require grad (frozen parameters, e.g. '
-                'frozen_stages), so no gate gradient exists: '
-                + ', '.join(names[:8]) + (' ...' if len(names) > 8 else ''))
         total = self.cost.total(self.target)
         self._set_kept(select_channels(
             scores, self.kept, self.comb, self.cost, (1 - goal) * total,

@@ -31,7 +31,7 @@ skipped, without a host synchronisation. Memory normalisation divides by
 the group's activation memory, B·H·W of the producers' outputs times the
 group's active channels.
 """
-from typing import List, Optional, Tuple
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -95,19 +95,27 @@ class ImportanceAccumulator:
         model, comb: the model being pruned and its groups.
         kind: one of :data:`IMPORTANCE_TYPES`.
         seed: for ``random``.
+        reduce: ``reduce(tensor)`` sums a tensor over the data-parallel
+            ranks in place (DDP), or None. Each step's contribution is
+            reduced before it is added, so ``scores`` are the same on every
+            rank at every step and any rank's :meth:`state_dict` is the
+            whole run's: a resumed run continues the same sum.
 
     Attributes:
         unscored (np.ndarray): bool per channel whose gate gradient could
             not be observed (its layer's output does not require grad, e.g.
-            a frozen stage); they must not be pruned on a zero score.
+            a frozen stage); they must not be pruned on a zero score. See
+            :meth:`find_unscored` to know them before training.
     """
 
     def __init__(self, model: nn.Module, comb: CombResult,
-                 kind: str = 'hessian', seed: int = 0):
+                 kind: str = 'hessian', seed: int = 0,
+                 reduce: Optional[Callable[[torch.Tensor], None]] = None):
         if kind not in IMPORTANCE_TYPES:
             raise ValueError(f'importance must be one of {IMPORTANCE_TYPES},'
                              f' but got {kind!r}')
         self.kind, self.comb, self.seed = kind, comb, seed
+        self._reduce = reduce
         self.params, self.activation_sites = gate_parameters(model, comb)
         p0 = next(iter(model.parameters()), None)
         dev = p0.device if p0 is not None else torch.device('cpu')
@@ -167,14 +175,37 @@ class ImportanceAccumulator:
             out.register_hook(grad_fn)
         return fn
 
-    def probe(self, gates, loss_fn, eps: float = 1e-2) -> None:
+    def find_unscored(self, run: Callable[[], object]) -> np.ndarray:
+        """Mark, before training, the channels no backward will score:
+        ``run()`` is one forward pass of the model (no backward), e.g. on
+        comb's example input in eval mode; the activation sites whose
+        outputs do not require grad (frozen parameters upstream, e.g.
+        ``frozen_stages``) are marked as in training. Returns
+        :attr:`unscored`."""
+        with torch.enable_grad():
+            run()  # the gradient hooks it leaves die with its graph
+        return self.unscored
+
+    def _fold(self, v: torch.Tensor) -> None:
+        """Add one step's scores (summed over ranks first); a step whose
+        sum is not finite (an AMP overflow on some rank) is skipped."""
+        if self._reduce is not None:
+            self._reduce(v)
+        ok = torch.isfinite(v).all()
+        self.scores += torch.where(ok, v, torch.zeros_like(v))
+        self.iters_t += ok.to(torch.int64)
+
+    def probe(self, gates, loss_fn, eps: float = 1e-2,
+              module: Optional[nn.Module] = None) -> None:
         """``hessian_fd``: fold in one finite-difference Hessian-vector
         product at the current weights. ``loss_fn()`` returns the training
         loss of the current batch (its random ops are replayed alike in
-        both passes); the model's buffers (BatchNorm statistics) are left
-        as they were."""
-        model = gates.model
-        buffers = [(b, b.detach().clone()) for b in model.buffers()]
+        both passes); ``module`` is the module whose forward it runs
+        (default: ``gates.model``; a distiller wrapping it, whose losses
+        keep memories). Every buffer of ``module`` (BatchNorm statistics,
+        memory queues and their pointers) is left as it was."""
+        module = gates.model if module is None else module
+        buffers = [(b, b.detach().clone()) for b in module.buffers()]
         m = gates.mask.detach()
         # v and the replayed randomness depend on the seed and the probe
         # count only: every rank and a resumed run draw the same
@@ -196,9 +227,7 @@ class ImportanceAccumulator:
             for b, saved in buffers:
                 b.copy_(saved)
         hv = (grads[1] - grads[0]).to(self.scores.dtype) / eps
-        ok = torch.isfinite(hv).all()
-        self.scores += torch.where(ok, hv * hv, torch.zeros_like(hv))
-        self.iters_t += ok.to(torch.int64)
+        self._fold(hv * hv)
 
     def step(self, inv_scale: Optional[torch.Tensor] = None) -> None:
         """Close one backward: fold its gate gradient in (device only).
@@ -217,10 +246,7 @@ class ImportanceAccumulator:
             g = g * inv_scale.to(g)
         elif inv_scale is not None:
             g = g * inv_scale
-        ok = torch.isfinite(g).all()
-        v = g * g if self.kind == 'hessian' else g.abs()
-        self.scores += torch.where(ok, v, torch.zeros_like(v))
-        self.iters_t += ok.to(torch.int64)
+        self._fold(g * g if self.kind == 'hessian' else g.abs())
         self._grad.zero_()
 
     @property
@@ -276,6 +302,18 @@ class ImportanceAccumulator:
             self.scores.copy_(torch.from_numpy(s).to(self.scores))
         self.iters_t.fill_(int(state['iters']))
         self.unscored[np.asarray(state.get('unscored', []), np.int64)] = True
+
+
+def inverse_loss_scale(optim_wrapper):
+    """1 / the loss scale the next backward will use (AMP), or None; a
+    device tensor or a float, never a host synchronisation."""
+    scaler = getattr(optim_wrapper, 'loss_scaler', None)
+    if scaler is None or not getattr(scaler, 'is_enabled', lambda: True)():
+        return None
+    scale = getattr(scaler, '_scale', None)
+    if scale is None:  # set on the first scaled loss, to init_scale
+        return 1.0 / float(scaler._init_scale)
+    return torch.reciprocal(scale)
 
 
 def normalise_by_memory(scores: np.ndarray, comb: CombResult,

@@ -1,54 +1,146 @@
-"""Physically pruned checkpoints written during and after a pruning run."""
+"""Physically pruned checkpoints written during and after a pruning run.
+
+Every file is checked before it is written: the pruned copy must compute
+what the gated model computes (the equivalence invariant). A failed check
+stops the run with the groups that differ; nothing is written under the
+pruned file's name, and the gated model (full-size weights, masks in meta)
+goes to ``<name>.FAILED_gated.pth`` so that the run is not lost.
+"""
 import copy
 import os.path as osp
 
 import torch
-from mmengine.dist import is_main_process
-from mmengine.runner.checkpoint import save_checkpoint, weights_to_cpu
+from mmengine.dist import broadcast_object_list, is_distributed, \
+    is_main_process
+from mmengine.runner.checkpoint import weights_to_cpu
 
 from ..comb import prune_model
-from ..comb.verify import model_outputs
+from ..comb.verify import _Checker, _find_bad, model_outputs
+from ..utils.checkpoint import save_checkpoint_atomic
 from .plan import PLAN_META_KEY, make_plan
+
+GATED_PLAN_KEY = 'cpd_gated_plan'   # masks of a gated (unpruned) checkpoint
+
+
+class PrunedCheckError(RuntimeError):
+    """The physically pruned model does not compute what the gated model
+    computes; ``groups`` maps each group that differs to the reason."""
+
+    def __init__(self, message: str, groups: dict):
+        super().__init__(message)
+        self.groups = groups
+
+
+def example_input(comb, like: torch.Tensor) -> torch.Tensor:
+    """comb's example input (seed 0, on ``like``'s device): the same on
+    every rank and run, the user's random stream left alone."""
+    x = torch.randn(*comb.input_shape,
+                    generator=torch.Generator().manual_seed(0))
+    return x.to(like.device)
+
+
+def failing_groups(model, comb, kept, x, tol) -> dict:
+    """{group name: reason} of the groups whose pruning to ``kept`` breaks
+    gated == pruned on ``x`` (``model`` bare, in eval mode), isolated one
+    at a time by comb verification's bisection; {} if the whole plan
+    passes its check (a float32 difference that float64 clears)."""
+    checker = _Checker(model, comb, x, None, tol)
+    groups = [g for g in comb.groups if not kept[g.channels].all()]
+    found = {}
+    while groups:
+        why = checker.fails(checker.restrict(kept, groups))
+        if why is None:
+            break
+        bad, why = _find_bad(checker, kept, groups, why)
+        found[bad.name] = why
+        groups.remove(bad)  # kept whole in the next checks
+    return found
+
+
+def _check(student, comb, gates, kept, tol):
+    """``(small, diff, failed)``: the pruned copy (None if surgery raised),
+    its largest relative difference to the gated student on the example
+    input, and {group: reason} where the check fails."""
+    was_training = student.training
+    student.eval()
+    x = example_input(comb, next(iter(student.parameters())))
+    small, diff, failed = None, float('inf'), {}
+    try:
+        with torch.no_grad():
+            gated = model_outputs(student, x, None)
+        with gates.detached():
+            try:
+                small = prune_model(copy.deepcopy(student), comb, kept)
+                with torch.no_grad():
+                    pruned = model_outputs(small, x, None)
+                if [a.shape for a in gated] == [b.shape for b in pruned]:
+                    diff = max((float((a - b).abs().max()) /
+                                max(float(a.abs().max()), 1e-12)
+                                for a, b in zip(gated, pruned)), default=0.)
+            except Exception as e:  # noqa: B902 (named in the report)
+                failed = {'(surgery)': f'{type(e).__name__}: {e}'}
+            if diff > tol:
+                failed = failing_groups(student, comb, kept, x, tol) or \
+                    failed or ({} if diff < float('inf') else
+                               {'(all)': 'output shapes differ'})
+    finally:
+        student.train(was_training)
+    return small, diff, failed
+
+
+def _failure(path, diff, failed, gated_path):
+    names = ', '.join(failed)
+    lines = '\n'.join(f'  {g}: {why}' for g, why in failed.items())
+    return (f'CPD: the physically pruned model does not compute what the '
+            f'gated model computes (largest relative difference {diff:.2e} '
+            f'on the example input); the group(s) that differ: {names}\n'
+            f'{lines}\nNothing was written to {path}. The gated model '
+            f'(full-size weights, its masks in meta[{GATED_PLAN_KEY!r}]) is '
+            f'in {gated_path}. Please report this model; excluding the '
+            'layers of these groups (exclude=[...]) prunes around them.')
 
 
 def save_pruned(runner, student, comb, gates, kept, filename, meta=None,
                 tol=1e-4):
     """Prune a copy of the gated ``student`` to ``kept``, check that it
     computes what the gated model computes on comb's example input, and
-    write it with its plan in ``meta['cpd_plan']``. Returns the path."""
+    write it with its plan in ``meta['cpd_plan']``. Returns the path.
+
+    Rank 0 checks and writes (atomically: a crash leaves no file under
+    ``filename``); every rank gets its verdict.
+
+    Raises:
+        PrunedCheckError: the check failed (on every rank). Nothing is
+            written under ``filename``; the gated student goes to
+            ``<filename stem>.FAILED_gated.pth``.
+    """
     plan = make_plan(comb, kept, student)
-    was_training = student.training
-    student.eval()
-    x = torch.randn(*comb.input_shape,
-                    generator=torch.Generator().manual_seed(0))
-    p = next(iter(student.parameters()))
-    x = x.to(p.device)
-    try:
-        with torch.no_grad():
-            gated = model_outputs(student, x, None)
-        with gates.detached():
-            small = prune_model(copy.deepcopy(student), comb, kept)
-        with torch.no_grad():
-            pruned = model_outputs(small, x, None)
-    finally:
-        student.train(was_training)
-    diff = max((float((a - b).abs().max()) /
-                max(float(a.abs().max()), 1e-12)
-                for a, b in zip(gated, pruned)), default=0.0)
-    if diff > tol:
-        runner.logger.warning(
-            f'CPD: the pruned model differs from the gated one by {diff:.2e} '
-            '(relative) on the example input; please report this model')
     path = osp.join(runner.work_dir, filename)
+    meta = dict(meta or {}, iter=runner.iter, cfg=runner.cfg.pretty_text)
+    verdict = [None]
     if is_main_process():
-        meta = dict(meta or {})
-        meta.update({PLAN_META_KEY: plan, 'iter': runner.iter,
-                     'params': int(sum(q.numel() for q in small.parameters())),
-                     'max_rel_diff_gated_vs_pruned': diff,
-                     'cfg': runner.cfg.pretty_text})
-        save_checkpoint({'state_dict': weights_to_cpu(small.state_dict()),
-                         'meta': meta}, path)
-        runner.logger.info(f'CPD: pruned checkpoint saved to {path} '
-                           f'({meta["params"] / 1e6:.3f} M params; gated vs '
-                           f'pruned {diff:.1e})')
+        small, diff, failed = _check(student, comb, gates, kept, tol)
+        if failed:
+            gated_path = osp.splitext(path)[0] + '.FAILED_gated.pth'
+            with gates.detached():
+                state = weights_to_cpu(student.state_dict())
+            meta.update({GATED_PLAN_KEY: plan, 'cpd_failed_groups': failed,
+                         'max_rel_diff_gated_vs_pruned': diff})
+            save_checkpoint_atomic({'state_dict': state, 'meta': meta},
+                                   gated_path)
+            verdict = [(_failure(path, diff, failed, gated_path), failed)]
+        else:
+            params = int(sum(q.numel() for q in small.parameters()))
+            meta.update({PLAN_META_KEY: plan, 'params': params,
+                         'max_rel_diff_gated_vs_pruned': diff})
+            save_checkpoint_atomic(
+                {'state_dict': weights_to_cpu(small.state_dict()),
+                 'meta': meta}, path)
+            runner.logger.info(f'CPD: pruned checkpoint saved to {path} '
+                               f'({params / 1e6:.3f} M params; gated vs '
+                               f'pruned {diff:.1e})')
+    if is_distributed():
+        broadcast_object_list(verdict, src=0)
+    if verdict[0] is not None:
+        raise PrunedCheckError(*verdict[0])
     return path

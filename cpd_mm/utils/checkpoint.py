@@ -29,6 +29,8 @@ without switching ``weights_only`` off:
    :class:`CheckpointLoadError` that says which file to put where, on every
    rank (mmengine's would leave the other ranks waiting at a barrier).
 
+:func:`save_checkpoint_atomic` writes a file that is complete or absent.
+
 Whether ``weights_only`` is on stays torch's decision (its default, or the
 ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` environment variable for a trusted file).
 This module must not import mmpretrain or mmseg: it runs at package import.
@@ -42,7 +44,7 @@ import numpy as np
 import torch
 from mmengine.dist import broadcast_object_list, get_dist_info
 from mmengine.logging import HistoryBuffer
-from mmengine.runner.checkpoint import CheckpointLoader
+from mmengine.runner.checkpoint import CheckpointLoader, save_checkpoint
 
 try:  # numpy >= 2: the C core lives in numpy._core
     from numpy._core import multiarray as _np_multiarray
@@ -52,7 +54,7 @@ except ImportError:  # pragma: no cover - numpy 1.x
 __all__ = [
     'CheckpointLoadError', 'SAFE_GLOBALS', 'load_from_local',
     'load_from_http', 'download_checkpoint', 'url_cache_path',
-    'register_safe_globals'
+    'register_safe_globals', 'save_checkpoint_atomic'
 ]
 
 # Names under which ``HistoryBuffer.__getstate__`` pickles its default
@@ -176,6 +178,21 @@ def load_from_local(filename: str,
         raise CheckpointLoadError(
             filename, 'the file is corrupt or truncated '
             f'({type(e).__name__}: {e})') from e
+
+
+def save_checkpoint_atomic(checkpoint: dict, filename: str) -> None:
+    """mmengine's ``save_checkpoint`` to a temporary name in the same
+    folder, then a rename: a crash mid-write leaves no file (and no
+    truncated one) under ``filename``, and a reader never sees half of
+    it. Local paths only."""
+    tmp = f'{filename}.{os.getpid()}.tmp'
+    try:
+        save_checkpoint(checkpoint, tmp)
+        os.replace(tmp, filename)
+    finally:
+        if osp.exists(tmp):
+            os.remove(tmp)
+
 
 def url_cache_path(url: str, model_dir: Optional[str] = None) -> str:
     """Where mmengine (through torch.hub) caches the file of ``url``.

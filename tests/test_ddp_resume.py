@@ -1,0 +1,79 @@
+"""The pruning hook under DDP (two gloo processes): a resumed run masks what
+an uninterrupted one masks, and every rank freezes the same groups."""
+import os.path as osp
+
+import numpy as np
+
+from dist_utils import run_distributed
+from test_prune_hook import CPDPruningHook, Interrupt, InterruptAt, make_runner
+
+# pruning steps at iterations 3, 6, 9 and 12; the checkpoint of iteration 5
+# holds two iterations' scores of the interval that ends at 6
+SCHEDULE = dict(importance='hessian', interval=3, begin_iter=3, end_iter=12,
+                launcher='pytorch')
+
+
+def _hook(runner):
+    return [h for h in runner.hooks if isinstance(h, CPDPruningHook)][0]
+
+
+def _full_and_resumed(rank, work_dir):
+    from mmengine.dist import barrier
+    full = make_runner(osp.join(work_dir, 'full'), 14, **SCHEDULE)
+    full.train()
+    part = osp.join(work_dir, 'part')  # one folder: rank 0 writes, all read
+    runner = make_runner(part, 14, **SCHEDULE)
+    runner._hooks.append(InterruptAt(5))  # after the checkpoint of iter 5
+    try:
+        runner.train()
+    except Interrupt:
+        pass
+    barrier()  # rank 0 has written iter_5.pth
+    resumed = make_runner(part, 14, resume=True, **SCHEDULE)
+    resumed.train()
+    return dict(full=_hook(full).kept, resumed=_hook(resumed).kept,
+                resumed_from=resumed.iter)
+
+
+def test_ddp_resume_reproduces_the_masks_of_an_uninterrupted_run(tmp_path):
+    """The ranks see different images, so their scores differ: the
+    checkpoint must hold the sum over ranks, counted once on resume."""
+    r0, r1 = run_distributed(_full_and_resumed, str(tmp_path), world_size=2,
+                             timeout=300)
+    assert osp.exists(tmp_path / 'part' / 'iter_5.pth')
+    assert (~r0['full']).any()
+    for r in (r0, r1):
+        assert r['resumed_from'] == 14
+        np.testing.assert_array_equal(r['resumed'], r['full'])
+    np.testing.assert_array_equal(r0['full'], r1['full'])
+
+
+def _one_rank_freezes_more(rank, work_dir):
+    import cpd_mm.comb as comb
+    if rank == 1:  # verification on rank 1 alone finds a failing group
+        real = comb.verify_comb
+
+        def verify_comb(model, result, *args, **kwargs):
+            report = real(model, result, *args, **kwargs)
+            why = 'failed exactness check: seen on rank 1 only'
+            result.freeze_group(result.group('conv1'), why)
+            report.frozen['conv1'] = why
+            return report
+        comb.verify_comb = verify_comb
+    runner = make_runner(work_dir, 12, launcher='pytorch')
+    runner.train()
+    hook = _hook(runner)
+    return dict(frozen=hook.comb.frozen_channels.copy(), kept=hook.kept,
+                verified=dict(hook.verified_frozen),
+                conv1=hook.comb.group('conv1').channels)
+
+
+def test_every_rank_freezes_the_union_of_what_verification_froze(tmp_path):
+    r0, r1 = run_distributed(_one_rank_freezes_more, str(tmp_path),
+                             world_size=2, timeout=300)
+    assert r0['verified'] == r1['verified'] and 'conv1' in r0['verified']
+    assert 'rank 1' in r0['verified']['conv1']
+    np.testing.assert_array_equal(r0['frozen'], r1['frozen'])
+    assert r0['frozen'][r0['conv1']].all()
+    np.testing.assert_array_equal(r0['kept'], r1['kept'])
+    assert (~r0['kept']).any()
