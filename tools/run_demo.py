@@ -11,11 +11,15 @@ On generated data and this CPU:
   5. evaluate all three with the *original* config, export baseline and
      pruned model to ONNX, verify them, and time them interleaved
      ``--repeats`` times (the median speed-up is reported);
-  6. print one table, write work_dirs/demo/summary.json and a plot of
+  6. deploy the pruned model in INT8: quantize it (calibrated on ``--calib``
+     train images), verify it against FP32, score the INT8 graph on the val
+     set with onnxruntime and time it against the FP32 baseline, again
+     ``--repeats`` times;
+  7. print one table, write work_dirs/demo/summary.json and a plot of
      accuracy against measured latency.
 
     python tools/run_demo.py [--work-dir work_dirs/demo] [--runs 1000]
-        [--repeats 3] [--threads 1] [--skip-baseline]
+        [--repeats 3] [--threads 1] [--calib 256] [--skip-baseline]
 
 Every step runs the project's own tools (train.py, test.py, export_onnx.py)
 as a subprocess, so their logs show as they go.
@@ -52,6 +56,8 @@ def run(cmd, capture=False):
 
 
 def evaluate(ckpt, work_dir):
+    """top-1 of a checkpoint, or of an exported graph (``.onnx``) under
+    onnxruntime."""
     out = run([sys.executable, 'tools/test.py', BASE_CFG, ckpt, '--work-dir',
                work_dir], capture=True)
     found = re.findall(r'accuracy/top1: ([0-9.]+)', out)
@@ -61,13 +67,14 @@ def evaluate(ckpt, work_dir):
 
 
 def plot(rows, path):
-    """Top-1 against measured latency; the reference marked."""
+    """Top-1 against measured latency; the reference marked. Returns the
+    legend's labels."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     style = {'baseline': ('s', '#7f7f7f'), 'reference': ('*', '#d62728'),
-             'cpd': ('o', '#1f77b4')}
+             'cpd': ('o', '#1f77b4'), 'cpd_int8': ('D', '#2ca02c')}
     for r in rows:
         marker, colour = style[r['name']]
         ax.scatter(r['onnx_median_ms'], r['top1'], marker=marker, s=110,
@@ -83,7 +90,9 @@ def plot(rows, path):
     ax.legend(fontsize=7, loc='best')
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
     plt.close(fig)
+    return labels
 
 
 def load_config(cfg_path):
@@ -100,6 +109,23 @@ def cpd_label(cfg):
             + ('' if distill == 'none' else f' + {distill.upper()}'))
 
 
+def median_compare(timings):
+    """The compare record whose speed-up is the median of ``timings``."""
+    return sorted(timings, key=lambda c: c['speedup_median'])[
+        len(timings) // 2]
+
+
+def int8_row(label, tune_epochs, cmp, top1):
+    """The table row of the INT8 CPD model: its accuracy under onnxruntime
+    and its speed-up against the FP32 baseline (``cmp``: the median
+    comparison of export_onnx.py --int8 --compare-to BASELINE)."""
+    q = cmp['pruned']
+    return dict(name='cpd_int8', model=f'{label} + INT8, +{tune_epochs} '
+                'epochs', params=q['params'], flops=q['flops'], top1=top1,
+                onnx_median_ms=q['benchmark']['median_ms'],
+                speedup=cmp['speedup_median'], precision='int8')
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--work-dir', default='work_dirs/demo')
@@ -111,12 +137,14 @@ def main():
     p.add_argument('--repeats', type=int, default=3,
                    help='interleaved timings of baseline and pruned model; '
                    'the median speed-up is reported (default 3)')
+    p.add_argument('--calib', type=int, default=256,
+                   help='calibration images of the INT8 model (default 256)')
     p.add_argument('--skip-baseline', action='store_true',
                    help='reuse an existing baseline checkpoint')
     args = p.parse_args()
-    if args.runs < 1 or args.repeats < 1:
-        p.error(f'--runs and --repeats must be at least 1, got {args.runs} '
-                f'and {args.repeats}')
+    if args.runs < 1 or args.repeats < 1 or args.calib < 1:
+        p.error(f'--runs, --repeats and --calib must be at least 1, got '
+                f'{args.runs}, {args.repeats} and {args.calib}')
     t0 = time.time()
     wd = args.work_dir
     dirs = {k: osp.join(wd, k) for k in ('baseline', 'reference', 'cpd')}
@@ -161,8 +189,19 @@ def main():
             + (['--verify'] if i == 0 else []))
         with open(osp.join(ROOT, report)) as f:
             timings.append(json.load(f)['compare'])
-    ranked = sorted(timings, key=lambda c: c['speedup_median'])
-    cmp = ranked[len(ranked) // 2]
+    cmp = median_compare(timings)
+    # the pruned model deployed in INT8, timed against the FP32 baseline
+    int8_path, int8_timings = osp.join(wd, 'pruned_int8.onnx'), []
+    for i in range(args.repeats):
+        report = osp.join(wd, f'onnx_int8_compare_{i}.json')
+        run([py, 'tools/export_onnx.py', BASE_CFG, final, '--int8',
+             '--calib', str(args.calib), '--out', int8_path, '--benchmark',
+             '--runs', str(args.runs), '--threads', str(args.threads),
+             '--compare-to', base_ckpt, '--json', report, '--force']
+            + (['--verify'] if i == 0 else []))
+        with open(osp.join(ROOT, report)) as f:
+            int8_timings.append(json.load(f)['compare'])
+    acc['cpd_int8'] = evaluate(int8_path, osp.join(wd, 'test_cpd_int8'))
     o, q = cmp['original'], cmp['pruned']
     o_ms, q_ms = o['benchmark']['median_ms'], q['benchmark']['median_ms']
     rows = [
@@ -179,6 +218,8 @@ def main():
              model=f'{cpd_label(prune_cfg)}, +{tune_epochs} epochs',
              params=q['params'], flops=q['flops'], top1=acc['cpd'],
              onnx_median_ms=q_ms, speedup=cmp['speedup_median']),
+        int8_row(cpd_label(prune_cfg), tune_epochs,
+                 median_compare(int8_timings), acc['cpd_int8']),
     ]
     print('\n' + '=' * 92)
     print(f'{"model":44s} {"params":>9s} {"FLOPs":>9s} {"top-1 %":>8s} '
@@ -193,11 +234,17 @@ def main():
     print(f'CPD vs reference: {gap:+.2f} points of top-1 at '
           f'{cmp["speedup_median"]:.2f}x the speed (median of {len(timings)}'
           f' timings: {spread})')
+    int8_gap = acc['cpd_int8'] - acc['cpd']
+    print(f'CPD in INT8: {int8_gap:+.2f} points of top-1 against FP32 at '
+          f'{rows[-1]["speedup"]:.2f}x the FP32 baseline\'s speed')
     fig = osp.join(wd, 'accuracy_vs_latency.png')
     plot(rows, osp.join(ROOT, fig))
     print(f'plots: {fig}, {osp.join(dirs["cpd"], "cpd_kept_channels.png")}')
     summary = dict(rows=rows, cpd_minus_reference=gap,
+                   int8_minus_fp32=int8_gap,
                    speedup_repeats=[c['speedup_median'] for c in timings],
+                   int8_speedup_repeats=[c['speedup_median']
+                                         for c in int8_timings],
                    seconds=time.time() - t0)
     with open(osp.join(ROOT, wd, 'summary.json'), 'w') as f:
         json.dump(summary, f, indent=1)
