@@ -139,3 +139,93 @@ def test_verification_passes_exact_models_untouched():
     assert comb.verification.frozen == {}
     assert np.array_equal(raw.frozen_channels, comb.frozen_channels)
     assert comb.verification.checks == 2
+
+
+# ------------------------------------------------------- generic weights
+def test_generic_copy_leaves_no_branch_silent():
+    """A ResNet with zero_init_residual (gamma = 0 at the end of every
+    branch) and a zero-initialised head: the copy has generic values
+    everywhere, the model is untouched, and the caller's RNG too."""
+    import torchvision
+    from cpd_mm.comb import generic_copy
+    model = torchvision.models.resnet18(zero_init_residual=True,
+                                        num_classes=4).eval()
+    nn.init.zeros_(model.fc.weight)
+    before = copy.deepcopy(model.state_dict())
+    rng = torch.get_rng_state()
+    a, b = generic_copy(model), generic_copy(model)
+    assert torch.equal(torch.get_rng_state(), rng)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])  # the model is not modified
+        assert torch.equal(a.state_dict()[k], b.state_dict()[k])  # seeded
+    bn = a.layer1[0].bn2
+    assert float(bn.weight.min()) >= 0.5 and float(bn.weight.max()) <= 1.5
+    assert bool((bn.bias != 0).all()) and bool((bn.running_mean != 0).all())
+    assert float(bn.running_var.min()) >= 0.5
+    assert int(bn.num_batches_tracked) == int(
+        model.layer1[0].bn2.num_batches_tracked)
+    assert float(a.fc.weight.abs().min()) > 0 and not a.training
+    conv = a.layer3[0].conv1.weight  # fan-in scaled
+    assert abs(float(conv.std()) * math.sqrt(conv[0].numel()) - 1) < 0.1
+    # the branch now reaches the output
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        y = a(x)
+        a.layer1[0].bn2.weight.mul_(2)
+        assert not torch.allclose(a(x), y)
+    assert generic_copy(model.double()).fc.weight.dtype == torch.float64
+
+
+class Noisy(nn.Module):
+    """Eight independent convs whose outputs get NumPy noise in eval mode
+    (a random gain):
+    the forward is not deterministic, whatever comb seeds."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(3, 4, 1) for _ in range(8))
+        self.out = nn.Conv2d(32, 2, 1)
+
+    def forward(self, x):
+        y = torch.cat([c(x) for c in self.convs], 1)
+        return self.out(torch.relu(y) * (1 + 0.1 * np.random.rand()))
+
+
+def test_a_nondeterministic_forward_is_reported_not_blamed_on_groups():
+    comb = comb_model(Noisy(), input_shape=(1, 3, 4, 4))
+    v = comb.verification
+    assert 'not deterministic' in v.nondeterministic
+    assert len(v.frozen) == 8 and not comb.prunable_groups
+    for reason in v.frozen.values():
+        assert not reason.startswith(FAILED)
+        assert 'not deterministic' in reason and 'eval mode' in reason
+    assert v.checks == 1  # one failed plan, then two plain runs: no search
+    assert 'not run' in str(v)
+
+
+def test_torch_randomness_in_eval_is_replayed():
+    """Noise drawn with torch (SegNeXt's Hamburger draws its NMF bases in
+    eval mode) is the same in every run: the model is verified."""
+    class TorchNoise(Noisy):
+        def forward(self, x):
+            y = torch.cat([c(x) for c in self.convs], 1)
+            return self.out(torch.relu(y) * (1 + 0.1 * torch.rand(())))
+
+    comb = comb_model(TorchNoise(), input_shape=(1, 3, 4, 4))
+    assert comb.verification.nondeterministic == ''
+    assert comb.verification.frozen == {} and len(comb.prunable_groups) == 8
+
+
+def test_plans_remove_every_free_channel():
+    """The two plans are complementary: each group keeps one channel in one
+    plan and a share in the other, and what it keeps alone is removed in
+    the other plan."""
+    import torchvision
+    from cpd_mm.comb.verify import random_plans
+    comb = comb_model(torchvision.models.resnet18(),
+                      input_shape=(1, 3, 32, 32), verify=False)
+    a, b = random_plans(comb, seed=3)
+    for g in comb.prunable_groups:
+        ka, kb = a[g.channels], b[g.channels]
+        assert sorted([int(ka.sum()), int(kb.sum())])[0] == 1, g.name
+        assert not (ka & kb).any(), g.name  # every channel removed once
