@@ -98,6 +98,7 @@ class CombResult:
             tracer.calls.get(first) == 1 else None
         self.verification = None
         self._producer_channels = None  # see producer_channels()
+        self._segments = None  # see producer_segments()
         self._build(tracer)
 
     # ------------------------------------------------------------ helpers
@@ -250,6 +251,43 @@ class CombResult:
                 per.setdefault(p.name, []).append(c[c >= 0])
             found = [np.unique(np.concatenate(v)) for v in per.values()]
             found = self._producer_channels = [c for c in found if c.size]
+        return found
+
+    def producer_segments(self) -> List[List[List[np.ndarray]]]:
+        """Per group (in :attr:`groups` order), its channels split by the
+        producing modules that output them, for width rules per producer.
+
+        A *segment* is the set of a group's channels output by the same set
+        of producers: a concat group has one per branch (mmdet's CSPLayer:
+        ``main_conv`` and ``short_conv``); a residual group, whose producers
+        all output every channel, is one. Every producer's outputs are a
+        union of segments. Segments that one producer outputs together
+        (the channel attention after that concat) are listed together:
+        a group is a list of such segment sets, each a list of segments
+        (channel arrays, in group order)."""
+        found = getattr(self, '_segments', None)
+        if found is None:
+            # refine a partition of the channels by each producer's outputs
+            label = np.zeros(self.num_channels, dtype=np.int64)
+            nxt = 1
+            for c in self.producer_channels():
+                _, inv = np.unique(label[c], return_inverse=True)
+                label[c] = nxt + inv
+                nxt += int(inv.max()) + 1
+            joined = UnionFind()
+            joined.new(nxt)
+            for c in self.producer_channels():
+                labels = np.unique(label[c])
+                joined.union(np.full(labels.size - 1, labels[0]), labels[1:])
+            found = []
+            for g in self.groups:
+                lab = label[g.channels]
+                sets = OrderedDict()
+                for k in lab[np.sort(np.unique(lab, return_index=True)[1])]:
+                    sets.setdefault(int(joined.find(k)), []).append(
+                        g.channels[lab == k])
+                found.append(list(sets.values()))
+            self._segments = found
         return found
 
     def one_per_producer(self, kept: np.ndarray,

@@ -1,4 +1,5 @@
 """Greedy, cost-aware channel selection towards a budget, and the ramp."""
+import heapq
 import math
 from typing import Optional
 
@@ -17,28 +18,65 @@ def _floor(group, min_channels, max_removal, round_to):
     return min(n, group.size)
 
 
-def _chunks(g, gi, kept, removable, scores, saving, floor, round_to,
-            ranking):
-    """Removal candidates of one group, lowest scores first: the channels
-    that bring it to a multiple of ``round_to``, then ``round_to`` at a
-    time, down to ``floor``. Values never decrease along a group, so the
-    global order keeps every group's chunks in sequence."""
-    left = int(kept[g.channels].sum())
-    cand = g.channels[removable[g.channels]]
-    cand = cand[np.lexsort((cand, scores[cand]))]
-    size, pos, value, out = left % round_to or round_to, 0, -np.inf, []
-    while left - size >= floor and pos + size <= cand.size:
-        members = cand[pos:pos + size]
-        s = float(scores[members].sum())
-        if ranking == 'cost':  # importance per unit of what it saves
-            s /= max(float(saving[members].sum()), 1e-300)
-        else:
-            s /= size
-        value = max(value, s)
+def _value(members, scores, saving, ranking):
+    s = float(scores[members].sum())
+    if ranking == 'cost':  # importance per unit of what it saves
+        return s / max(float(saving[members].sum()), 1e-300)
+    return s / len(members)
+
+
+def _set_chunks(segments, kept, removable, scores, saving, round_to,
+                ranking):
+    """Removal candidates of one segment set (segments that producing
+    modules output together, see :meth:`CombResult.producer_segments`),
+    lowest scores first: one chunk that brings every segment to a multiple
+    of ``round_to`` (so every producer, a union of segments, is on one),
+    then ``round_to`` at a time from any segment. Returns ``(value,
+    members)`` pairs whose values never decrease."""
+    align, seqs = [], []
+    for c in segments:
+        cand = c[removable[c]]
+        cand = cand[np.lexsort((cand, scores[cand]))]
+        k = int(kept[c].sum()) % round_to
+        if k > cand.size:  # cannot reach a multiple: none of them is cut
+            return []
+        align.append(cand[:k])
+        value, seq = -np.inf, []
+        for pos in range(k, cand.size - round_to + 1, round_to):
+            members = cand[pos:pos + round_to]
+            value = max(value, _value(members, scores, saving, ranking))
+            seq.append((value, members))
+        seqs.append(seq)
+    align = np.concatenate(align)
+    value, out = -np.inf, []
+    if align.size:
+        value = _value(align, scores, saving, ranking)
+        out.append((value, align))
+    for v, members in heapq.merge(*seqs, key=lambda c: c[0]):
+        value = max(value, v)
+        out.append((value, members))
+    return out
+
+
+def _chunks(g, gi, segment_sets, kept, removable, scores, saving, floor,
+            round_to, ranking):
+    """Removal candidates of one group: its segment sets' chunks merged by
+    value, each set's in its own order, down to the group's ``floor``.
+    Values never decrease along a group, so the global order keeps every
+    group's chunks in sequence."""
+    merged = heapq.merge(*[[(v, si, m) for v, m in _set_chunks(
+        sset, kept, removable, scores, saving, round_to, ranking)]
+        for si, sset in enumerate(segment_sets)], key=lambda c: c[0])
+    left, value, out, blocked = int(kept[g.channels].sum()), -np.inf, [], set()
+    for v, si, members in merged:
+        if si in blocked or left - len(members) < floor:
+            blocked.add(si)  # a set's later chunks need this one
+            continue
+        value = max(value, v)
         # ties (e.g. equal scores) go to the group that keeps the largest
         # share of its channels: they spread instead of emptying a group
-        out.append((value, -left / g.size, gi, pos, members))
-        left, pos, size = left - size, pos + size, round_to
+        out.append((value, -left / g.size, gi, len(out), members))
+        left -= len(members)
     return out
 
 
@@ -62,9 +100,12 @@ def select_channels(scores: np.ndarray, kept: np.ndarray, comb: CombResult,
     producing module, and the floor of every group are never removed: a
     group keeps at least ``min_channels`` and
     ``(1 - max_removal)`` of its channels, rounded up to a multiple of
-    ``round_to``. With ``round_to > 1`` every group keeps a multiple of
-    ``round_to`` channels (or all of them): channels leave in chunks (first
-    down to the next multiple, then ``round_to`` at a time). Each round
+    ``round_to``. With ``round_to > 1`` every producing module keeps a
+    multiple of ``round_to`` of its output channels (or all of them): each
+    segment of a group (see :meth:`CombResult.producer_segments`: the
+    branches of a concat) loses channels in chunks, first down to the next
+    multiple (together with the segments that a producer outputs with it),
+    then ``round_to`` at a time. Each round
     takes chunks until their marginal savings cover what is missing, then
     measures exactly, so the result lands on the budget within one chunk.
 
@@ -82,6 +123,9 @@ def select_channels(scores: np.ndarray, kept: np.ndarray, comb: CombResult,
     guard = comb.one_per_producer(np.zeros_like(kept),
                                   np.where(kept, scores, -np.inf))
     protected = guard if protected is None else protected | guard
+    # round_to holds per producing module: per segment of a group
+    segments = comb.producer_segments() if round_to > 1 else \
+        [[[g.channels]] for g in comb.groups]
     for _ in range(64):
         need = cost.evaluate(kept, metric) - target
         if need <= 0:
@@ -91,8 +135,8 @@ def select_channels(scores: np.ndarray, kept: np.ndarray, comb: CombResult,
         removable &= ~protected
         chunks = []
         for gi, g in enumerate(comb.groups):
-            chunks += _chunks(g, gi, kept, removable, scores, saving,
-                              floors[gi], round_to, ranking)
+            chunks += _chunks(g, gi, segments[gi], kept, removable, scores,
+                              saving, floors[gi], round_to, ranking)
         if not chunks:
             break
         chunks.sort(key=lambda c: c[:4])
