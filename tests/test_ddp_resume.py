@@ -1,5 +1,6 @@
 """The pruning hook under DDP (two gloo processes): a resumed run masks what
-an uninterrupted one masks, and every rank freezes the same groups."""
+an uninterrupted one masks. (Every rank freezing the same groups: see
+test_prune_hook.test_ddp_ranks_mask_the_same_channels.)"""
 import os.path as osp
 
 import numpy as np
@@ -46,34 +47,3 @@ def test_ddp_resume_reproduces_the_masks_of_an_uninterrupted_run(tmp_path):
         assert r['resumed_from'] == 14
         np.testing.assert_array_equal(r['resumed'], r['full'])
     np.testing.assert_array_equal(r0['full'], r1['full'])
-
-
-def _one_rank_freezes_more(rank, work_dir):
-    import cpd_mm.comb as comb
-    if rank == 1:  # verification on rank 1 alone finds a failing group
-        real = comb.verify_comb
-
-        def verify_comb(model, result, *args, **kwargs):
-            report = real(model, result, *args, **kwargs)
-            why = 'failed exactness check: seen on rank 1 only'
-            result.freeze_group(result.group('conv1'), why)
-            report.frozen['conv1'] = why
-            return report
-        comb.verify_comb = verify_comb
-    runner = make_runner(work_dir, 12, launcher='pytorch')
-    runner.train()
-    hook = _hook(runner)
-    return dict(frozen=hook.comb.frozen_channels.copy(), kept=hook.kept,
-                verified=dict(hook.verified_frozen),
-                conv1=hook.comb.group('conv1').channels)
-
-
-def test_every_rank_freezes_the_union_of_what_verification_froze(tmp_path):
-    r0, r1 = run_distributed(_one_rank_freezes_more, str(tmp_path),
-                             world_size=2, timeout=300)
-    assert r0['verified'] == r1['verified'] and 'conv1' in r0['verified']
-    assert 'rank 1' in r0['verified']['conv1']
-    np.testing.assert_array_equal(r0['frozen'], r1['frozen'])
-    assert r0['frozen'][r0['conv1']].all()
-    np.testing.assert_array_equal(r0['kept'], r1['kept'])
-    assert (~r0['kept']).any()

@@ -27,36 +27,45 @@ from test_prune_hook import CPDPruningHook, HookToyNet, make_runner
 class BreakSurgeryAfterComb(Hook):
     """From ``before_train`` on (after the pruning hook combed and verified
     the model), surgery slices BatchNorm running means with the wrong
-    channels: a broken passenger rule that only the final check sees."""
+    channels ('wrong': a broken passenger rule), or raises on ``bn2``'s
+    ('raises'): breaks that only the final check sees."""
     priority = 'LOWEST'
 
-    def __init__(self, monkeypatch):
-        self.monkeypatch = monkeypatch
+    def __init__(self, monkeypatch, how):
+        self.monkeypatch, self.how = monkeypatch, how
 
     def before_train(self, runner):
         real = surgery.keep_param
 
-        def wrong(module, pname, axis, keep):
-            if pname == 'running_mean':
+        def broken(module, pname, axis, keep):
+            if pname == 'running_mean' and self.how == 'wrong':
                 keep = keep[::-1].copy()
+            if pname == 'running_mean' and module.running_mean.numel() == 32 \
+                    and self.how == 'raises':  # bn2 (32 channels)
+                raise IndexError('broken rule')
             real(module, pname, axis, keep)
-        self.monkeypatch.setattr(surgery, 'keep_param', wrong)
+        self.monkeypatch.setattr(surgery, 'keep_param', broken)
 
 
+@pytest.mark.parametrize('how', ['wrong', 'raises'])
 def test_failed_final_check_stops_and_keeps_the_gated_model(tmp_path,
-                                                            monkeypatch):
+                                                            monkeypatch,
+                                                            how):
     runner = make_runner(str(tmp_path), 12)
-    runner._hooks.append(BreakSurgeryAfterComb(monkeypatch))
+    runner._hooks.append(BreakSurgeryAfterComb(monkeypatch, how))
     with pytest.raises(PrunedCheckError) as err:
         runner.train()
     hook = [h for h in runner.hooks if isinstance(h, CPDPruningHook)][0]
     pruned = {g.name for g in hook.comb.groups
               if not hook.kept[g.channels].all()}
-    # both pruned groups carry a BatchNorm: the error names exactly them
-    assert pruned and set(err.value.groups) == pruned, (err.value.groups,
-                                                        pruned)
-    for name in pruned:
-        assert name in str(err.value)
+    assert pruned == {'conv1', 'conv2'}
+    # 'wrong' breaks both (each has a BatchNorm), 'raises' bn2's (conv2):
+    # the error names exactly the groups that differ
+    differ = pruned if how == 'wrong' else {'conv2'}
+    assert set(err.value.groups) == differ, err.value.groups
+    assert f'differ: {", ".join(sorted(differ))}' in str(err.value)
+    if how == 'raises':
+        assert 'broken rule' in err.value.groups['conv2']
     assert not osp.exists(tmp_path / 'pruned_final.pth')
     assert not list(tmp_path.glob('*.tmp'))
     gated_path = tmp_path / 'pruned_final.FAILED_gated.pth'

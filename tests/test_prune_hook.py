@@ -191,6 +191,17 @@ def test_round_to_keeps_multiples(tmp_path):
 
 def _ddp_prune(rank, work_dir):
     from mmengine.model import MMDistributedDataParallel
+    import cpd_mm.comb as comb
+    if rank == 1:  # verification on rank 1 alone finds a failing group
+        real = comb.verify_comb
+
+        def verify_comb(model, result, *args, **kwargs):
+            report = real(model, result, *args, **kwargs)
+            why = 'failed exactness check: seen on rank 1 only'
+            result.freeze_group(result.group('conv1'), why)
+            report.frozen['conv1'] = why
+            return report
+        comb.verify_comb = verify_comb
     # a real DDP run: the sampler gives every rank different data, so only
     # the hook's all-reduce of the scores makes the ranks mask alike
     runner = make_runner(osp.join(work_dir, f'rank{rank}'), 16,
@@ -201,13 +212,23 @@ def _ddp_prune(rank, work_dir):
     # (running statistics stay per rank: mmengine does not broadcast them)
     params = {k: v.detach().clone()
               for k, v in runner.model.module.named_parameters()}
-    return dict(kept=hook.kept, sparsity=hook.sparsity(), params=params)
+    return dict(kept=hook.kept, sparsity=hook.sparsity(), params=params,
+                frozen=hook.comb.frozen_channels.copy(),
+                verified=dict(hook.verified_frozen),
+                conv1=hook.comb.group('conv1').channels)
 
 
 def test_ddp_ranks_mask_the_same_channels(tmp_path):
+    """Also when one rank's verification froze a group the others did not:
+    every rank freezes the union (a group that failed anywhere is trusted
+    nowhere; a freeze cannot be undone where it was made)."""
     from dist_utils import run_distributed
     r0, r1 = run_distributed(_ddp_prune, str(tmp_path), world_size=2,
                              timeout=300)
+    assert r0['verified'] == r1['verified'] and 'conv1' in r0['verified']
+    assert 'rank 1' in r0['verified']['conv1']
+    assert np.array_equal(r0['frozen'], r1['frozen'])
+    assert r0['frozen'][r0['conv1']].all()
     assert (~r0['kept']).any() and abs(r0['sparsity'] - 0.5) < 0.05
     assert np.array_equal(r0['kept'], r1['kept'])
     # the pruned structure kept training under DDP: same weights on both

@@ -12,7 +12,6 @@ from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 
 from ..comb import ChannelGates, comb_model
-from ..comb.verify import model_outputs
 from .cost import METRICS, CostModel
 from .importance import (IMPORTANCE_TYPES, ImportanceAccumulator,
                          inverse_loss_scale, normalise_by_memory)
@@ -78,7 +77,8 @@ class CPDPruningHook(Hook):
             the deployment runtime; groups of ``round_to`` channels or
             fewer are not pruned. Default: 1.
         save_pruned (bool): write ``pruned_final.pth`` (physically pruned
-            weights, plan in ``meta['cpd_plan']``) after training. Default:
+            weights, plan in ``meta['cpd_plan']``) after training, once it
+            is checked to compute what the gated model computes. Default:
             True.
         save_at (Sequence[float]): also write ``pruned_sparsity_XX.pth`` when
             these sparsities are reached. Default: ().
@@ -101,7 +101,11 @@ class CPDPruningHook(Hook):
         pruned. Priority NORMAL runs the pruning step before the
         CheckpointHook. A pruned checkpoint is written only when the pruned
         model computes what the gated one does; otherwise the run stops with
-        the groups that differ (see :mod:`cpd_mm.prune.snapshot`).
+        the groups that differ and the gated model is kept as
+        ``<name>.FAILED_gated.pth`` (see :mod:`cpd_mm.prune.snapshot`).
+        Layers that do not train (``frozen_stages``) get no gate gradient
+        with 'hessian' and 'taylor': they are found before training, never
+        pruned, and the reachability check counts them.
     """
     priority = 'NORMAL'
 
@@ -242,17 +246,10 @@ class CPDPruningHook(Hook):
         self._check_reachable(log)
 
     def _find_unscored(self, student, log):
-        """One forward on comb's example input (eval mode: no statistics
-        move) marks the channels no gradient will score (frozen layers):
-        they are protected from the first step, and the budget counts
-        them."""
-        was_training = student.training
-        x = example_input(self.comb, next(iter(student.parameters())))
-        try:
-            unscored = self.scorer.find_unscored(
-                lambda: model_outputs(student.eval(), x, None))
-        finally:
-            student.train(was_training)
+        """Channels no gradient will score (frozen layers), found before
+        training: protected from the first step, counted by the budget."""
+        unscored = self.scorer.find_unscored(student, example_input(
+            self.comb, next(iter(student.parameters()))))
         names = [g.name for g in self.comb.prunable_groups
                  if unscored[g.channels].any()]
         if names:

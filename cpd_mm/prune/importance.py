@@ -27,7 +27,10 @@ Scores (per channel, accumulated over a pruning interval, on the device):
 Each backward contributes once (hooks see one backward's gradient, also
 under gradient accumulation); gradients scaled by AMP are unscaled with the
 scale of that backward, and a backward whose gradients overflowed is
-skipped, without a host synchronisation. Memory normalisation divides by
+skipped, without a host synchronisation. Under DDP each step's
+contribution is summed over the ranks before it is added, so every rank
+holds the same scores at every step (and a checkpoint of any rank resumes
+the run exactly). Memory normalisation divides by
 the group's activation memory, B·H·W of the producers' outputs times the
 group's active channels.
 """
@@ -40,6 +43,7 @@ import torch.nn as nn
 from ..comb.groups import CombResult
 from ..comb.handlers import handler_for
 from ..comb.space import along, channel_axis
+from ..comb.verify import model_outputs
 
 IMPORTANCE_TYPES = ('hessian', 'hessian_fd', 'taylor', 'l1', 'random')
 
@@ -175,15 +179,18 @@ class ImportanceAccumulator:
             out.register_hook(grad_fn)
         return fn
 
-    def find_unscored(self, run: Callable[[], object]) -> np.ndarray:
-        """Mark, before training, the channels no backward will score:
-        ``run()`` is one forward pass of the model (no backward), e.g. on
-        comb's example input in eval mode; the activation sites whose
-        outputs do not require grad (frozen parameters upstream, e.g.
-        ``frozen_stages``) are marked as in training. Returns
-        :attr:`unscored`."""
-        with torch.enable_grad():
-            run()  # the gradient hooks it leaves die with its graph
+    def find_unscored(self, model: nn.Module, x: torch.Tensor) -> np.ndarray:
+        """Mark, before training, the channels no backward will score: one
+        forward of ``model`` on ``x`` in eval mode (no statistics move, no
+        backward) marks the activation sites whose outputs do not require
+        grad (frozen parameters upstream, e.g. ``frozen_stages``), as
+        training would. Returns :attr:`unscored`."""
+        was_training = model.training
+        try:
+            with torch.enable_grad():  # (its gradient hooks die with it)
+                model_outputs(model.eval(), x, None)
+        finally:
+            model.train(was_training)
         return self.unscored
 
     def _fold(self, v: torch.Tensor) -> None:
@@ -203,7 +210,8 @@ class ImportanceAccumulator:
         both passes); ``module`` is the module whose forward it runs
         (default: ``gates.model``; a distiller wrapping it, whose losses
         keep memories). Every buffer of ``module`` (BatchNorm statistics,
-        memory queues and their pointers) is left as it was."""
+        memory queues and their pointers) is left as it was (a copy of
+        them is held during the probe)."""
         module = gates.model if module is None else module
         buffers = [(b, b.detach().clone()) for b in module.buffers()]
         m = gates.mask.detach()

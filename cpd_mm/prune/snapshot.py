@@ -91,13 +91,17 @@ def _check(student, comb, gates, kept, tol):
 def _failure(path, diff, failed, gated_path):
     names = ', '.join(failed)
     lines = '\n'.join(f'  {g}: {why}' for g, why in failed.items())
+    how = f'largest relative difference {diff:.2e} on the example input' \
+        if diff < float('inf') else 'surgery failed or changed an output shape'
     return (f'CPD: the physically pruned model does not compute what the '
-            f'gated model computes (largest relative difference {diff:.2e} '
-            f'on the example input); the group(s) that differ: {names}\n'
+            f'gated model computes ({how}); the group(s) that differ: '
+            f'{names}\n'
             f'{lines}\nNothing was written to {path}. The gated model '
             f'(full-size weights, its masks in meta[{GATED_PLAN_KEY!r}]) is '
-            f'in {gated_path}. Please report this model; excluding the '
-            'layers of these groups (exclude=[...]) prunes around them.')
+            f'in {gated_path}. Please report this model; the hook\'s '
+            f'exclude={[g for g in failed if not g.startswith("(")]} '
+            '(each group is named after its first producing layer) prunes '
+            'around these groups.')
 
 
 def save_pruned(runner, student, comb, gates, kept, filename, meta=None,
