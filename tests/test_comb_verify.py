@@ -43,22 +43,29 @@ def test_a_hard_coded_reshape_is_frozen_with_the_error():
     assert comb.group('a').prunable and 'a' not in comb.verification.frozen
 
 
-def _conv_ws_net():
-    from mmcv.cnn import ConvWS2d  # weight-standardised conv (mmcv)
+class ShapeScaled(nn.Module):
+    """Scales by 1/sqrt(its channel count), read from the tensor's shape in
+    Python: no rule sees the count, so pruning changes the function."""
+
+    def forward(self, x):
+        return x * x.shape[1] ** -0.5
+
+
+def _shape_scaled_net():
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),
-                         nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
-                         ConvWS2d(16, 8, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(16, 16, 3, padding=1), ShapeScaled(),
+                         nn.Conv2d(16, 8, 3, padding=1), nn.ReLU(),
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                          nn.Linear(8, 4))
 
 
 def test_a_silent_difference_is_frozen():
-    """mmcv's ConvWS2d standardises its weight over input channels: removing
-    inputs changes every output (no error, a different function). The conv
-    handler takes it for a plain conv; verification finds the group that
-    feeds it, and only that one."""
-    model = _conv_ws_net()
+    """A scale computed from the channel count in Python: removing channels
+    changes every output (no error, a different function) and no rule can
+    see it; verification finds the group whose width it reads, and only
+    that one."""
+    model = _shape_scaled_net()
     comb = comb_model(model, input_shape=(1, 3, 8, 8))
     frozen = comb.verification.frozen
     assert list(frozen) == ['2'], frozen
