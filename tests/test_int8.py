@@ -247,3 +247,40 @@ def test_shared_zero_biases_still_run_integer_kernels(tmp_path):
     ops = fused_ops(str(tmp_path / 'q.onnx'), tmp_path)
     assert ops.count('QLinearConv') == op_types(src).count('Conv')
     assert 'Conv' not in ops
+
+
+def test_calibration_images_cover_the_classes(tmp_path, tiny_cls_data):
+    """The demo set lists its images class by class: N images are drawn
+    evenly over it, not the first N (one class)."""
+    from cpd_mm.deploy.data import build_loader
+    cfg = init_model(data_config(tmp_path, DEMO_CLS, tiny_cls_data),
+                     device='cpu').cfg
+    loader, _, n = build_loader(cfg, 'train', 6, test_pipeline=True)
+    labels = [int(s.gt_label[0]) for b in loader for s in b['data_samples']]
+    assert n == 6 and sorted(labels) == list(range(6))
+
+
+def activation_scales(path):
+    from onnx import numpy_helper
+    return {i.name: float(numpy_helper.to_array(i))
+            for i in onnx.load(path).graph.initializer
+            if i.name.endswith('_scale') and not i.dims}
+
+
+def test_entropy_and_percentile_clip_outliers(tmp_path):
+    """With a heavy-tailed input, entropy and percentile calibration clip
+    activation ranges below min-max (onnxruntime's entropy defaults could
+    only return the min-max range)."""
+    src = fp32_graph(ConvChain(), tmp_path)
+    rng = np.random.default_rng(0)
+    calib = [rng.standard_t(2, (1, 3, 16, 16)).astype(np.float32)
+             for _ in range(16)]
+    scales = {}
+    for method in ('minmax', 'entropy', 'percentile'):
+        quantize_onnx(src, str(tmp_path / f'{method}.onnx'), calib,
+                      method=method, percentile=99.9)
+        scales[method] = activation_scales(str(tmp_path / f'{method}.onnx'))
+    for method in ('entropy', 'percentile'):
+        smaller = [k for k in scales['minmax']
+                   if scales[method][k] < 0.9 * scales['minmax'][k]]
+        assert smaller, method
