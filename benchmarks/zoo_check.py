@@ -6,6 +6,13 @@ It uses only cpd_mm's public API (``comb_model``, ``default_forward``,
 ``ChannelGates``, ``prune_model``, ``CostModel``) and the random plan of
 ``tools/check_pruning.py``, so it checks exactly what a user gets.
 
+Gated and pruned outputs are compared on a copy with generic weights
+(``cpd_mm.comb.generic_copy``, as comb's verification and
+``tools/check_pruning.py`` do; ``weights='own'`` for the model as built),
+so a branch that is silent at initialisation cannot hide a wrong rule.
+Where generic weights give outputs that are not finite, the model's own
+are used and ``res['weights']`` says so.
+
 Statuses: ``exact``, ``differs`` (max relative difference above the
 tolerance, or output shapes differ), ``raises`` (gating, surgery or the
 pruned forward raised), ``comb fails``, ``build fails``, ``forward fails``
@@ -189,13 +196,34 @@ def compare(model, comb, kept, x, diagnose=True):
     return out, pruned
 
 
+def checked_subject(model, x, weights, seed, res):
+    """The model the comparison runs on: a generic copy, or the model
+    itself (``weights='own'``, or generic outputs that are not finite)."""
+    from cpd_mm.comb import generic_copy
+    if weights == 'own':
+        res['weights'] = 'own'
+        return model
+    subject = generic_copy(model, seed)
+    try:
+        with torch.no_grad():
+            ys = outputs(subject, x)
+        finite = all(bool(torch.isfinite(t).all()) for t in ys
+                     if t.is_floating_point())
+    except Exception:  # noqa: BLE001 -- the comparison reports it
+        finite = True
+    res['weights'] = 'generic' if finite else \
+        'own (generic weights give outputs that are not finite)'
+    return subject if finite else model
+
+
 def prune_check(model, x, res, ratio=0.5, seed=0, verify=None,
-                diagnose=True, mixed=True):
+                diagnose=True, mixed=True, weights='generic'):
     """Comb ``model`` on ``x``, prune the random plan of
     tools/check_pruning.py, compare gated and pruned outputs; fills ``res``
     (status, groups, frozen reasons, FLOPs kept ...; with ``mixed`` also
     ``res['mixed']`` for a plan with a different share per group) and
-    returns the pruned model (None when a step raised)."""
+    returns the pruned model (None when a step raised). The outputs are
+    compared on :func:`checked_subject`."""
     from cpd_mm.comb import comb_model, default_forward
     from cpd_mm.prune import CostModel
     kwargs, res['verify'] = comb_kwargs(verify)
@@ -227,13 +255,14 @@ def prune_check(model, x, res, ratio=0.5, seed=0, verify=None,
         res['params_kept_pred'] = int(cost.params(kept))
     except Exception as e:  # noqa: BLE001
         res['cost_error'] = short_error(e)['error']
-    out, pruned = compare(model, comb, kept, x, diagnose)
+    subject = checked_subject(model, x, weights, seed, res)
+    out, pruned = compare(subject, comb, kept, x, diagnose)
     res.update(out)
     if pruned is not None and 'params_kept_pred' in res:
         res['cost_params_exact'] = res['params_kept_pred'] == \
             res['params_pruned']
     if mixed and res['prunable_groups']:
-        m, _ = compare(model, comb, mixed_plan(comb, seed), x, diagnose)
+        m, _ = compare(subject, comb, mixed_plan(comb, seed), x, diagnose)
         res['mixed'] = m
     return pruned
 
@@ -245,7 +274,7 @@ def _dtype_error(res):
 
 
 def check_model(entry, verify=None, ratio=0.5, seed=0, mmengine_flops=True,
-                dtype=None, log=print):
+                dtype=None, log=print, weights='generic'):
     """Run the exactness check on one zoo entry; returns a JSON-able dict.
 
     Args:
@@ -255,6 +284,8 @@ def check_model(entry, verify=None, ratio=0.5, seed=0, mmengine_flops=True,
         ratio: share of every prunable group removed at random.
         dtype: force a dtype (default: float64 where the model runs in it).
         mmengine_flops: also measure the FLOPs ratio with mmengine's counter.
+        weights: ``'generic'`` (compare on a copy with re-drawn weights) or
+            ``'own'`` (the model as built).
     """
     res = dict(key=entry.key, codebase=entry.codebase, family=entry.family,
                model=entry.name, status='', ratio=ratio, seed=seed)
@@ -290,7 +321,7 @@ def check_model(entry, verify=None, ratio=0.5, seed=0, mmengine_flops=True,
     res['rng_dependent'] = rng_dependent(model, x)
     base = set(res)
     pruned = prune_check(model, x, res, ratio=ratio, seed=seed,
-                         verify=verify)
+                         verify=verify, weights=weights)
     if dt == torch.float64 and _dtype_error(res):
         # cpd_mm's surgery broke float64 (a module rebuilt in the default
         # dtype): record that, and check the structure in float32
@@ -301,7 +332,7 @@ def check_model(entry, verify=None, ratio=0.5, seed=0, mmengine_flops=True,
                    float64_error=f64.get('error') or
                    f64.get('mixed', {}).get('error'))
         pruned = prune_check(model, x, res, ratio=ratio, seed=seed,
-                             verify=verify)
+                             verify=verify, weights=weights)
     if pruned is None:
         return res
     if mmengine_flops:

@@ -5,13 +5,18 @@ configs installed with the packages) and every torchvision classification
 and segmentation family, with random weights: build, comb, remove a random
 50% of every prunable group (``tools/check_pruning.py``'s plan), gate,
 prune physically, and compare gated vs pruned outputs (float64, relative
-tolerance 1e-6; float32 / 1e-4 where the model does not run in float64).
+tolerance 1e-6; float32 / 1e-4 where the model does not run in float64)
+on a copy with generic weights (``--weights generic``, the default: every
+weight, statistic, layer scale and bias re-drawn, so no branch that is
+silent at initialisation hides a wrong rule; ``--weights own`` compares on
+the model as built, as runs before this option did).
 
     OMP_NUM_THREADS=1 python benchmarks/zoo_coverage.py --subset ci
     OMP_NUM_THREADS=1 python benchmarks/zoo_coverage.py           # all
     python benchmarks/zoo_coverage.py --families convnext swin --rerun
     python benchmarks/zoo_coverage.py --report   # table from the JSON only
     python benchmarks/zoo_coverage.py --list
+    python benchmarks/zoo_coverage.py --report --changes-from OLD.json
 
 Each model runs in its own subprocess with a timeout (a model that hangs or
 kills the interpreter does not stop the run); results are cached in
@@ -58,6 +63,12 @@ def parse_args(argv=None):
     v.add_argument('--verify', dest='verify', action='store_true',
                    default=None, help="comb_model(verify=True) if accepted")
     v.add_argument('--no-verify', dest='verify', action='store_false')
+    p.add_argument('--weights', choices=['generic', 'own'], default='generic',
+                   help='compare on a copy with generic weights (default) '
+                   'or on the model as built')
+    p.add_argument('--changes-from', metavar='JSON',
+                   help='print the entries whose verdict differs from this '
+                   'earlier results file')
     p.add_argument('--ratio', type=float, default=0.5)
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--timeout', type=float, default=900,
@@ -143,8 +154,28 @@ def needs_run(entry, cache, args):
         return True
     if args.rerun_failed and old.get('status') in FAILED:
         return True
-    # a result with another verify setting does not answer this run
-    return old.get('verify_requested') != args.verify
+    # a result with another verify or weights setting does not answer
+    # this run (results from before --weights compared on 'own')
+    return old.get('verify_requested') != args.verify or \
+        old.get('weights_requested', 'own') != args.weights
+
+
+def verdict(res):
+    """(status, status of the mixed plan) of one result."""
+    return res.get('status'), (res.get('mixed') or {}).get('status')
+
+
+def print_changes(old, new):
+    """Entries in both result files whose verdict differs (e.g. a run on
+    generic weights against one on the models' own weights)."""
+    common = sorted(set(old['results']) & set(new['results']))
+    changed = [k for k in common
+               if verdict(old['results'][k]) != verdict(new['results'][k])]
+    print(f'{len(changed)} of {len(common)} entries in both files changed '
+          'verdict (status, mixed-plan status):')
+    for k in changed:
+        print(f'  {k}: {verdict(old["results"][k])} -> '
+              f'{verdict(new["results"][k])}')
 
 
 # ------------------------------------------------------------------ running
@@ -154,7 +185,7 @@ def run_worker(args):
     from zoo_models import all_entries
     entry = {e.key: e for e in all_entries()}[args.worker]
     res = check_model(entry, verify=args.verify, ratio=args.ratio,
-                      seed=args.seed,
+                      seed=args.seed, weights=args.weights,
                       mmengine_flops=not args.no_mmengine_flops)
     with open(args.result, 'w') as f:
         json.dump(res, f)
@@ -165,13 +196,13 @@ def run_one(entry, args):
     if args.in_process or entry.skip:
         from zoo_check import check_model
         return check_model(entry, verify=args.verify, ratio=args.ratio,
-                           seed=args.seed,
+                           seed=args.seed, weights=args.weights,
                            mmengine_flops=not args.no_mmengine_flops)
     fd, out = tempfile.mkstemp(suffix='.json', prefix='zoo_')
     os.close(fd)
     cmd = [sys.executable, osp.abspath(__file__), '--worker', entry.key,
            '--result', out, '--ratio', str(args.ratio), '--seed',
-           str(args.seed)]
+           str(args.seed), '--weights', args.weights]
     if args.verify is not None:
         cmd.append('--verify' if args.verify else '--no-verify')
     if args.no_mmengine_flops:
@@ -207,6 +238,8 @@ def main(argv=None):
     if args.report:
         write_markdown(load_cache(args.json), args.md)
         print(f'wrote {args.md}')
+        if args.changes_from:
+            print_changes(load_cache(args.changes_from), load_cache(args.json))
         return
     entries = select(args)
     if args.list:
@@ -229,6 +262,7 @@ def main(argv=None):
         res = run_one(e, args)
         res.update(wall_s=round(time.perf_counter() - t0, 1), commit=commit,
                    verify_requested=args.verify,
+                   weights_requested=args.weights,
                    date=datetime.date.today().isoformat())
         cache['results'][e.key] = res
         cache['meta'] = dict(ratio=args.ratio, seed=args.seed,
@@ -241,6 +275,8 @@ def main(argv=None):
               f'in {res["wall_s"]} s{err}', flush=True)
     write_markdown(cache, args.md)
     print(f'wrote {args.md} and {args.json}')
+    if args.changes_from:
+        print_changes(load_cache(args.changes_from), cache)
 
 
 if __name__ == '__main__':
