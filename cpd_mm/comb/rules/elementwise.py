@@ -59,12 +59,18 @@ for _n in ZERO_PRESERVING | NON_ZERO_UNARY:
 
 @rule('prelu', '_prelu_kernel')
 def prelu_rule(tr, args, kwargs, out):
-    """PReLU: a per-channel slope (on axis 1) is a passenger."""
+    """PReLU: a per-channel slope (on axis 1) is a passenger. ``prelu``
+    takes the slope as ``[C]``; ``nn.PReLU`` reaches ``_prelu_kernel``
+    with it viewed to ``[1, C, 1, 1]``, which broadcasts against x."""
     x, w = args[0], args[1]
     info = tr.info(x)
     if w.numel() > 1 and info.has_ids:
-        tr.attach_line(tr.info(w), along(info.ids, 1, x.shape[1]), 0,
-                       'prelu')
+        wi = tr.info(w)
+        if w.dim() > 1:  # the slope's axis that meets x's axis 1
+            wi, axis = aligned(wi, x.dim()), 1
+        else:
+            axis = 0
+        tr.attach_line(wi, along(info.ids, 1, x.shape[1]), axis, 'prelu')
     return TensorInfo(info.ids, info.z)
 
 
