@@ -175,7 +175,7 @@ def test_unquantizable_op_writes_no_int8_file(tmp_path):
 def test_fp32_nodes_by_name(tmp_path):
     src = fp32_graph(ConvChain(), tmp_path)
     names = compute_nodes(src)
-    with pytest.raises(QuantizationError, match='not nodes of'):
+    with pytest.raises(QuantizationError, match='not nodes of the FP32'):
         quantize_onnx(src, str(tmp_path / 'q.onnx'), images(4),
                       fp32_nodes=['no_such_node'])
     info = quantize_onnx(src, str(tmp_path / 'q.onnx'), images(4),

@@ -348,8 +348,9 @@ def quantize_onnx(fp32_path: str, out: str,
     unknown = [n for n in fp32_nodes if n not in all_nodes]
     if unknown:
         raise QuantizationError(
-            f'--fp32-nodes {unknown} are not nodes of {fp32_path}; its '
-            f'compute nodes are e.g. {names[:6]}')
+            f'--fp32-nodes {unknown} are not nodes of the FP32 graph; its '
+            f'compute nodes are {names[:4]}{" ..." if len(names) > 4 else ""}'
+            ' (all names: export without --int8 and open the graph)')
     input_name = create_session(fp32_path, ['CPUExecutionProvider']
                                 ).get_inputs()[0].name
     reader = _reader([{input_name: a} for a in calib_images])
