@@ -236,3 +236,38 @@ def test_plans_remove_every_free_channel():
         ka, kb = a[g.channels], b[g.channels]
         assert sorted([int(ka.sum()), int(kb.sum())])[0] == 1, g.name
         assert not (ka & kb).any(), g.name  # every channel removed once
+
+
+def test_check_pruning_counts_flops_where_mmengine_cannot(repo_root):
+    """tools/check_pruning.py reports FLOPs for every model: mmengine's
+    counter where it runs, cpd_mm's cost model where it fails (it calls
+    ``model(x)``; a detector's heads need more), and says which."""
+    import importlib.util
+    import os.path as osp
+    from cpd_mm.comb import prune_model
+    from cpd_mm.comb.verify import random_plans
+    from cpd_mm.prune import CostModel
+    spec = importlib.util.spec_from_file_location(
+        '_check_pruning', osp.join(repo_root, 'tools', 'check_pruning.py'))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+
+    class NeedsSamples(nn.Sequential):
+        def forward(self, x, samples=None):
+            if samples is None:
+                raise TypeError('needs data samples')
+            return super().forward(x)
+
+    x = torch.randn(1, 3, 8, 8)
+    for model, counter in ((nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(),
+                                          nn.Conv2d(8, 4, 3)), 'mmengine'),
+                           (NeedsSamples(nn.Conv2d(3, 8, 3), nn.ReLU(),
+                                         nn.Conv2d(8, 4, 3)), 'cpd_mm')):
+        comb = comb_model(model, example_inputs=x, verify=False,
+                          forward=lambda m, t: m(t, samples=[])
+                          if isinstance(m, NeedsSamples) else m(t))
+        kept = random_plans(comb)[0]
+        pruned = prune_model(copy.deepcopy(model), comb, kept)
+        f0, f1, used = tool.count_flops(model, pruned, x,
+                                        CostModel(model, comb), kept)
+        assert used.startswith(counter) and 0 < f1 < f0, (used, f0, f1)
