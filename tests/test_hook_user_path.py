@@ -160,3 +160,20 @@ def test_unreachable_target_is_refused_before_training(tmp_path):
     assert 0.5 < reachable < 0.8  # half of each width: ~3/4 of the convs
     assert runner.iter == 0
     assert not list(tmp_path.glob('*.pth'))
+
+
+def test_latency_table_in_the_deployed_precision(tmp_path, monkeypatch):
+    """latency_precision='int8': the hook's table times quantized graphs,
+    so target='latency' selects for the INT8 deployment; a precision the
+    project cannot measure is refused when the hook is built."""
+    monkeypatch.setenv('CPD_MM_CACHE', str(tmp_path / 'cache'))
+    with pytest.raises(ValueError, match='latency_precision'):
+        CPDPruningHook(target='latency', latency_precision='int4')
+    runner = make_runner(str(tmp_path / 'run'), 10, target='latency',
+                         target_sparsity=0.3, round_to=8,
+                         latency_shape=(1, 3, 64, 64),
+                         latency_precision='int8')
+    runner.train()
+    hook = [h for h in runner.hooks if isinstance(h, CPDPruningHook)][0]
+    assert hook.cost.table.precision == 'int8'
+    assert hook.sparsity() >= 0.3 - 1e-3

@@ -89,6 +89,10 @@ class CPDPruningHook(Hook):
         latency_providers (Sequence[str], optional): onnxruntime providers;
             default: CUDA/TensorRT when available, else CPU.
         latency_threads (int): onnxruntime threads for the table. Default: 1.
+        latency_precision (str): precision the table is measured in,
+            'fp32' or 'int8' (graphs quantized as ``tools/export_onnx.py
+            --int8`` does), so that ``target='latency'`` picks the structure
+            that is fastest in the deployed precision. Default: 'fp32'.
 
     Note:
         Masks, accumulated scores and the step count are saved in every
@@ -120,7 +124,8 @@ class CPDPruningHook(Hook):
                  seed: int = 0,
                  latency_shape: Optional[Sequence[int]] = None,
                  latency_providers: Optional[Sequence[str]] = None,
-                 latency_threads: int = 1):
+                 latency_threads: int = 1,
+                 latency_precision: str = 'fp32'):
         end_iter = begin_iter + 10 * interval if end_iter is None \
             and isinstance(interval, int) and isinstance(begin_iter, int) \
             else end_iter
@@ -146,6 +151,8 @@ class CPDPruningHook(Hook):
                         ('round_to', round_to),
                         ('latency_threads', latency_threads)):
             _check(isinstance(v, int) and v >= 1, name, 'an int >= 1', v)
+        _check(latency_precision in ('fp32', 'int8'), 'latency_precision',
+               "'fp32' or 'int8'", latency_precision)
         for v in save_at:
             _check(_number(v) and 0 < v <= target_sparsity, 'save_at',
                    'entries in (0, target_sparsity]', v)
@@ -160,6 +167,7 @@ class CPDPruningHook(Hook):
         self.latency_shape = list(latency_shape or input_shape)
         self.latency_providers = latency_providers
         self.latency_threads = latency_threads
+        self.latency_precision = latency_precision
         self.exclude = list(exclude)
         self.input_shape = [int(s) for s in input_shape]
         self.min_channels, self.round_to = min_channels, round_to
@@ -304,7 +312,8 @@ class CPDPruningHook(Hook):
             table = LatencyTable.build(
                 student, self.latency_shape,
                 providers=self.latency_providers,
-                threads=self.latency_threads, logger=log)
+                threads=self.latency_threads, logger=log,
+                precision=self.latency_precision)
             data = [table.data]
             if self.round_to % max(table.channel_block, 1):
                 log.warning(
@@ -316,7 +325,8 @@ class CPDPruningHook(Hook):
             broadcast_object_list(data, src=0)
         table = LatencyTable(data[0])
         log.info(f'CPD: latency table: {table.full_ms:.2f} ms measured on '
-                 f'{table.provider} at {self.latency_shape}')
+                 f'{table.provider} at {self.latency_shape} in '
+                 f'{table.precision.upper()}')
         return table
 
     def _sync_verification(self, state):
