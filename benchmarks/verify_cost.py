@@ -1,6 +1,6 @@
 """What comb's self-verification costs, relative to the trace.
 
-    OMP_NUM_THREADS=1 python benchmarks/verify_cost.py [--runs 5] [--json out.json]
+    OMP_NUM_THREADS=1 python benchmarks/verify_cost.py --runs 5
 
 On ResNet-50 and MobileNetV2 (torchvision) and DeiT-S (mmpretrain) at
 224x224, in this process, on one thread: the median time of
@@ -11,6 +11,7 @@ plans, each a gated and a physically pruned forward). The budget is
 verification makes it (weights that are already generic kept) and with
 every weight drawn anew (what the tests and tools/check_pruning.py use).
 Run it on a quiet machine: both numbers are a few hundred milliseconds.
+``--json out.json`` writes the rows.
 """
 import argparse
 import json

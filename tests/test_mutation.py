@@ -21,10 +21,7 @@ Each mutation is one wrong rule someone could plausibly write:
   model's own weights the branch is silent and every check passes: the
   old verification (``weights='own'``) does not see it, generic weights do.
 """
-import contextlib
 import copy
-import os.path as osp
-import sys
 
 import numpy as np
 import pytest
@@ -38,8 +35,6 @@ from cpd_mm.comb.rules.table import RULES
 from cpd_mm.comb.space import TensorInfo, channel_axis
 from cpd_mm.comb.verify import FAILED, verify_comb
 from equivalence import assert_equivalent
-
-sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 
 
 def _wrap_rules(monkeypatch, names, wrap):

@@ -23,10 +23,11 @@ output:
 
 Other buffers are left as they are (and shared with the model, not
 copied): they are constants of the structure (index tables, attention masks,
-anchors, pixel mean/std), not learned values. Integer tensors are never touched. Every value comes from a private
-``torch.Generator`` seeded with ``seed`` (drawn on the CPU, then moved to the
-tensor's device and dtype), so the copy is the same on every run and rank
-and the caller's random stream is left alone.
+anchors, pixel mean/std), not learned values. Integer tensors are never
+touched. Every value comes from a private ``torch.Generator`` seeded with
+``seed`` (drawn on the CPU, then moved to the tensor's device and dtype), so
+the copy is the same on every run and rank and the caller's random stream is
+left alone.
 """
 import math
 
