@@ -3,7 +3,7 @@
 is one file here, imported below, plus its equivalence test."""
 from .base import (HANDLERS, CostTerm, ModuleHandler, ModuleRecord,
                    handler_for, keep_param, register_handler)
-from . import conv, linear, norm, attention, roi  # noqa: F401  (registration)
+from . import conv, linear, norm, attention, roi, std_conv  # noqa: F401
 from .attention import PrunedMultiheadAttention
 
 __all__ = ['HANDLERS', 'CostTerm', 'ModuleHandler', 'ModuleRecord',
