@@ -52,22 +52,23 @@ def _signed(shape, gen, lo=0.1, hi=0.5):
     return mag * sign
 
 
-def already_generic(weight: torch.Tensor) -> bool:
-    """Whether a weight of two or more dims can stay as it is: finite, its
-    rms at least 1% of ``1/sqrt(fan_in)``, and no output row and no input
-    column constant (a zero-initialised head, a constant averaging kernel,
-    an input channel it ignores). A few reads of the tensor: far cheaper
-    than drawing it anew."""
+def fan_in_gain(weight: torch.Tensor):
+    """``rms * sqrt(fan_in)`` of a weight of two or more dims (1 for a
+    drawn one), or None where the weight is not generic: not finite, a gain
+    below 0.01 (zero or faint), an output row or an input column constant
+    (a zero-initialised head, a constant averaging kernel, an input channel
+    it ignores). A few reads of the tensor: far cheaper than drawing it."""
     w = weight.detach().flatten(1)
     if w.dtype not in (torch.float32, torch.float64):
         w = w.float()
     flat = w.reshape(-1)
     sumsq = float(torch.dot(flat, flat))  # inf or NaN if any entry is
-    if not math.isfinite(sumsq) or sumsq / w.shape[0] < 1e-4:
-        return False
-    if bool((w.amax(1) == w.amin(1)).any()):
-        return False
-    return w.shape[0] == 1 or not bool((w.amax(0) == w.amin(0)).any())
+    gain = math.sqrt(sumsq / w.shape[0]) if math.isfinite(sumsq) else 0.0
+    if gain < 0.01 or bool((w.amax(1) == w.amin(1)).any()):
+        return None
+    if w.shape[0] > 1 and bool((w.amax(0) == w.amin(0)).any()):
+        return None
+    return gain
 
 
 def generic_value(module: nn.Module, name: str, tensor: torch.Tensor,
@@ -75,8 +76,8 @@ def generic_value(module: nn.Module, name: str, tensor: torch.Tensor,
                   redraw_weights: bool = True):
     """The generic value for ``module``'s parameter or buffer ``name``, or
     None to leave it (integer tensors, buffers that are not statistics,
-    and with ``redraw_weights=False`` weights that are
-    :func:`already_generic`)."""
+    and with ``redraw_weights=False`` weights whose :func:`fan_in_gain` is
+    within [0.25, 4]; other generic ones are scaled to gain 1)."""
     if not tensor.is_floating_point() or tensor.numel() == 0:
         return None
     shape = tuple(tensor.shape)
@@ -92,8 +93,11 @@ def generic_value(module: nn.Module, name: str, tensor: torch.Tensor,
         return torch.randn(shape, generator=gen) * 0.5
     if tensor.dim() >= 2 and not _is_norm(module):
         if 'weight' in name:
-            if not redraw_weights and already_generic(tensor):
-                return None
+            gain = None if redraw_weights else fan_in_gain(tensor)
+            if gain is not None:
+                # the model's own pattern, at about the gain of a drawn one
+                # (trained weights with random statistics would blow up)
+                return None if 0.25 <= gain <= 4 else tensor.detach() / gain
             fan_in = math.prod(shape[1:])
             return torch.randn(shape, generator=gen) / math.sqrt(fan_in)
         return torch.randn(shape, generator=gen) * 0.5
@@ -147,9 +151,11 @@ def generic_copy(model: nn.Module, seed: int = 0,
     and so is every re-drawn tensor; tensors left as they are (integer
     buffers, masks, index tables) are shared with ``model``, not copied.
 
-    ``redraw_weights=False`` keeps the weights of two or more dims that are
-    :func:`already_generic` (the model's own random or trained ones) and
-    re-draws the rest and everything else: what matters for an exactness
+    ``redraw_weights=False`` keeps the patterns of the weights of two or
+    more dims that are generic (the model's own random or trained ones, see
+    :func:`fan_in_gain`; scaled to the gain of a drawn weight where it is
+    off by more than 4x) and re-draws the rest and everything else: what
+    matters for an exactness
     check (no silent branch, no symmetric channels) at a fraction of the
     cost, which comb's verification needs (drawing every weight of a
     ResNet-50 costs about as much as a forward)."""
