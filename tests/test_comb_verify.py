@@ -271,3 +271,28 @@ def test_check_pruning_counts_flops_where_mmengine_cannot(repo_root):
         f0, f1, used = tool.count_flops(model, pruned, x,
                                         CostModel(model, comb), kept)
         assert used.startswith(counter) and 0 < f1 < f0, (used, f0, f1)
+
+
+def test_verification_copy_keeps_generic_weights_only():
+    """``redraw_weights=False`` (what verification checks): a weight that is
+    already generic is kept, one far off the fan-in gain is scaled to it,
+    a zero-initialised or constant one is drawn; 1-D tensors always are."""
+    from cpd_mm.comb import generic_copy
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8),
+                          nn.Conv2d(8, 8, 3), nn.Conv2d(8, 4, 1),
+                          nn.Linear(4, 2))
+    with torch.no_grad():
+        model[2].weight.mul_(100)
+        nn.init.constant_(model[3].weight, 0.1)
+        nn.init.zeros_(model[4].weight)
+    c = generic_copy(model, redraw_weights=False)
+    assert c[0].weight is model[0].weight  # kaiming init: generic
+    gain = c[2].weight.flatten(1).pow(2).sum(1).mean().sqrt()
+    assert abs(float(gain) - 1) < 1e-4  # scaled to the drawn gain
+    assert torch.allclose(c[2].weight / c[2].weight.norm(),
+                          model[2].weight / model[2].weight.norm())
+    for i in (3, 4):  # constant and zero: drawn
+        w = c[i].weight.flatten(1)
+        assert bool((w.amax(1) > w.amin(1)).all())
+    assert float(c[1].weight.min()) >= 0.5 and bool((c[1].bias != 0).all())
+    assert float(model[4].weight.abs().max()) == 0  # the model is untouched
