@@ -22,7 +22,7 @@ import torch
 
 import cpd_mm  # noqa: F401
 from cpd_mm.comb import comb_model
-from cpd_mm.comb.verify import _Checker
+from cpd_mm.comb.verify import PlanChecker
 from equivalence import assert_equivalent
 from test_comb_openmmlab import upstream_config
 
@@ -95,7 +95,7 @@ def test_ocrnet_difference_on_own_weights_is_rounding():
     x = torch.randn(*SHAPE, generator=torch.Generator().manual_seed(3))
     # scored relative to the gated output alone, so that the float64
     # re-check is what tells rounding from a wrong group
-    checker = _Checker(model, comb, x, None, 1e-5)
+    checker = PlanChecker(model, comb, x, None, 1e-5)
     assert checker.fails(kept) is None
     # the float32 difference it accepted (as rounding)
     diff = checker.max_difference

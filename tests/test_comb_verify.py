@@ -206,7 +206,9 @@ def test_a_nondeterministic_forward_is_reported_not_blamed_on_groups():
     for reason in v.frozen.values():
         assert not reason.startswith(FAILED)
         assert 'not deterministic' in reason and 'eval mode' in reason
-    assert v.checks == 1  # one failed plan, then two plain runs: no search
+    # one failed plan (plus its float64 re-check when the noise happens to
+    # be below 1e-2), then two plain runs: no bisection over the 8 groups
+    assert v.checks <= 2
     assert 'not run' in str(v)
 
 

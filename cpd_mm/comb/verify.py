@@ -158,7 +158,7 @@ def random_plans(comb: CombResult, seed: int = 0):
     return plans
 
 
-class _Checker:
+class PlanChecker:
     """Gated vs pruned outputs for a keep-mask restricted to some groups."""
 
     def __init__(self, model, comb, x, forward, tol, scales=None):
@@ -241,7 +241,7 @@ class _Checker:
         return self._double or None
 
 
-def _find_bad(checker, kept, groups, reason):
+def isolate_failing_group(checker, kept, groups, reason):
     """One group of ``groups`` (which fail together, with ``reason``) that
     the failure needs, by binary splitting: one check per halving.
 
@@ -262,6 +262,24 @@ def _find_bad(checker, kept, groups, reason):
         reason += (f' (with {len(context)} other group(s) pruned, e.g. '
                    f'{context[0].name})')
     return groups[0], reason
+
+
+def failing_groups(model, comb, kept, x, tol) -> dict:
+    """{group name: reason} of the groups whose pruning to ``kept`` breaks
+    gated == pruned on ``x`` (``model`` bare, in eval mode), isolated one
+    at a time by comb verification's bisection; {} if the whole plan
+    passes its check (a float32 difference that float64 clears)."""
+    checker = PlanChecker(model, comb, x, None, tol)
+    groups = [g for g in comb.groups if not kept[g.channels].all()]
+    found = {}
+    while groups:
+        why = checker.fails(checker.restrict(kept, groups))
+        if why is None:
+            break
+        bad, why = isolate_failing_group(checker, kept, groups, why)
+        found[bad.name] = why
+        groups.remove(bad)  # kept whole in the next checks
+    return found
 
 
 def _finite(outs):
@@ -295,7 +313,7 @@ def _confirm(checker, model, kept, reason, report):
     if why.startswith('the outputs') and checker.model is not model:
         report.weights = f"the model's own ({why} on generic weights)"
         report.checks += checker.checks
-        checker = _Checker(model, checker.comb, checker.x, checker.forward,
+        checker = PlanChecker(model, checker.comb, checker.x, checker.forward,
                            checker.tol)
         first, why = _baseline(model, checker.x, checker.forward,
                                checker.tol)
@@ -344,7 +362,7 @@ def verify_comb(model: nn.Module, comb: CombResult, x: torch.Tensor,
             model, seed, redraw_weights=False), f'generic (seed {seed})'
     else:
         subject, report.weights = model, "the model's own"
-    checker = _Checker(subject, comb, x, forward, tol)
+    checker = PlanChecker(subject, comb, x, forward, tol)
     confirmed = False
     for name, kept in zip(('A', 'B'), random_plans(comb, seed)):
         report.plans.append(name)
@@ -368,7 +386,7 @@ def verify_comb(model: nn.Module, comb: CombResult, x: torch.Tensor,
                     break
             if reason is None:
                 break
-            bad, why = _find_bad(checker, kept, groups, reason)
+            bad, why = isolate_failing_group(checker, kept, groups, reason)
             why = f'{FAILED}: {why}'
             comb.freeze_group(bad, why)
             report.frozen[bad.name] = why

@@ -15,8 +15,7 @@ from mmengine.dist import broadcast_object_list, is_distributed, \
 from mmengine.runner.checkpoint import weights_to_cpu
 
 from ..comb import prune_model
-from ..comb.verify import (_Checker, _find_bad, model_outputs,
-                           relative_difference)
+from ..comb.verify import failing_groups, model_outputs, relative_difference
 from ..utils.checkpoint import save_checkpoint_atomic
 from .plan import PLAN_META_KEY, make_plan
 
@@ -38,24 +37,6 @@ def example_input(comb, like: torch.Tensor) -> torch.Tensor:
     x = torch.randn(*comb.input_shape,
                     generator=torch.Generator().manual_seed(0))
     return x.to(like.device)
-
-
-def failing_groups(model, comb, kept, x, tol) -> dict:
-    """{group name: reason} of the groups whose pruning to ``kept`` breaks
-    gated == pruned on ``x`` (``model`` bare, in eval mode), isolated one
-    at a time by comb verification's bisection; {} if the whole plan
-    passes its check (a float32 difference that float64 clears)."""
-    checker = _Checker(model, comb, x, None, tol)
-    groups = [g for g in comb.groups if not kept[g.channels].all()]
-    found = {}
-    while groups:
-        why = checker.fails(checker.restrict(kept, groups))
-        if why is None:
-            break
-        bad, why = _find_bad(checker, kept, groups, why)
-        found[bad.name] = why
-        groups.remove(bad)  # kept whole in the next checks
-    return found
 
 
 def _check(student, comb, gates, kept, tol):
