@@ -106,6 +106,10 @@ def _check_linear(handler, tr, m, rec, args, kwargs, out_axis):
             tr.freeze(rec.inputs if rec.depthwise else rec.outputs, why)
 
 
+def _nothing_removed(rec, keep) -> bool:
+    return all(keep(a).all() for a in rec.atom_arrays().values())
+
+
 def _spatial(tr, t, channels):
     """Positions per sample that one channel of ``t`` spans."""
     return tr.per_sample(t.numel()) // max(channels, 1)
@@ -177,6 +181,8 @@ class ConvHandler(ModuleHandler):
 
     def prune(self, m, rec, keep):
         kin = keep(rec.inputs)
+        if _nothing_removed(rec, keep):  # e.g. frozen: leave it as it is
+            return None
         if rec.depthwise:
             kout = np.repeat(kin, rec.mult)
             keep_param(m, 'weight', 0, kout)
@@ -244,6 +250,8 @@ class ConvTransposeHandler(ModuleHandler):
         return terms
 
     def prune(self, m, rec, keep):
+        if _nothing_removed(rec, keep):
+            return None
         kin, kout = keep(rec.inputs), keep(rec.outputs)
         keep_param(m, 'weight', 0, kin)
         keep_param(m, 'weight', 1, kout)

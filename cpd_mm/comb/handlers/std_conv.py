@@ -27,7 +27,7 @@ the removed entries themselves still train (through the statistics, and
 weight decay); the pruned conv holds their contribution fixed from then on.
 """
 import importlib.util
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import numpy as np
 import torch
@@ -149,7 +149,7 @@ def _form(ddof, eps, eps_on_std=False, gain=None, shift=None, scale=1.0,
                 shift=shift, scale=float(scale), same_pad=bool(same_pad))
 
 
-_FORMS: Dict[type, callable] = {
+_FORMS: Dict[type, Callable[[nn.Module], dict]] = {
     PrunedStdConv2d: lambda m: _form(m.ddof, m.eps, m.eps_on_std,
                                      m.gain_name, m.shift_name, m.scale,
                                      m.same_pad)}
@@ -213,8 +213,12 @@ class StdConvHandler(ConvHandler):
         return terms
 
     def prune(self, m, rec, keep):
-        form = standardisation(m)
         kin = keep(rec.inputs)
+        kout = np.repeat(kin, rec.mult) if rec.depthwise else \
+            keep(rec.outputs)
+        if kin.all() and kout.all():  # (a forward of its own: frozen)
+            return None
+        form = standardisation(m)
         new = None
         if not rec.depthwise and not kin.all():
             # input entries leave every filter: keep their statistics
@@ -227,8 +231,6 @@ class StdConvHandler(ConvHandler):
             keep = _inputs_kept(keep, rec.inputs, kin_all)
         target = new if new is not None else m
         super().prune(target, rec, keep)
-        kout = np.repeat(kin, rec.mult) if rec.depthwise else \
-            keep(rec.outputs)
         for name in (form['gain'], form['shift'], 'removed_mean',
                      'removed_m2'):
             if name and getattr(target, name, None) is not None:
