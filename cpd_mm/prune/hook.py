@@ -72,9 +72,10 @@ class CPDPruningHook(Hook):
         input_shape (Sequence[int]): example input for combing. Default:
             (1, 3, 224, 224).
         min_channels (int): channels every group keeps at least. Default: 1.
-        round_to (int): every group keeps a multiple of ``round_to``
-            channels (or all of them), e.g. 8 or 16 for the vector width of
-            the deployment runtime; groups of ``round_to`` channels or
+        round_to (int): every producing module keeps a multiple of
+            ``round_to`` of its output channels (or all of them), e.g. 8 or
+            16 for the vector width of the deployment runtime; the branches
+            of a concat count one by one. Groups of ``round_to`` channels or
             fewer are not pruned. Default: 1.
         save_pruned (bool): write ``pruned_final.pth`` (physically pruned
             weights, plan in ``meta['cpd_plan']``) after training, once it
