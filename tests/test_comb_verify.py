@@ -298,3 +298,15 @@ def test_verification_copy_keeps_generic_weights_only():
         assert bool((w.amax(1) > w.amin(1)).all())
     assert float(c[1].weight.min()) >= 0.5 and bool((c[1].bias != 0).all())
     assert float(model[4].weight.abs().max()) == 0  # the model is untouched
+
+
+def test_affine_buffers_are_redrawn():
+    """mmcv's ConvAWS2d keeps its affine terms as buffers at 1 and 0: the
+    generic copy draws them, or a rule that drops them would pass."""
+    from mmcv.cnn import ConvAWS2d
+    from cpd_mm.comb import generic_copy
+    m = nn.Sequential(ConvAWS2d(3, 8, 3))
+    g = generic_copy(m)[0]
+    assert not torch.equal(g.weight_gamma, torch.ones_like(g.weight_gamma))
+    assert (g.weight_beta != 0).all()
+    assert torch.equal(m[0].weight_gamma, torch.ones_like(g.weight_gamma))

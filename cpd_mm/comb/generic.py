@@ -19,7 +19,8 @@ output:
 - biases (any parameter whose name contains ``bias``, norm biases
   included): random sign times uniform in [0.1, 0.5], never zero;
 - ``running_mean``: random sign times uniform in [0.1, 0.5];
-  ``running_var``: uniform in [0.5, 2].
+  ``running_var``: uniform in [0.5, 2]; affine buffers named ``*gamma*`` /
+  ``*beta*`` (mmcv ``ConvAWS2d``) like norm weights / biases.
 
 Other buffers are left as they are (and shared with the model, not
 copied): they are constants of the structure (index tables, attention masks,
@@ -85,6 +86,12 @@ def generic_value(module: nn.Module, name: str, tensor: torch.Tensor,
         if name == 'running_var':
             return torch.empty(shape).uniform_(0.5, 2.0, generator=gen)
         if name == 'running_mean':
+            return _signed(shape, gen)
+        # affine terms kept as buffers (mmcv ConvAWS2d's weight_gamma /
+        # weight_beta): at 1 and 0 a rule that drops them would pass
+        if 'gamma' in name:
+            return torch.empty(shape).uniform_(0.5, 1.5, generator=gen)
+        if 'beta' in name:
             return _signed(shape, gen)
         return None
     if 'bias' in name:
