@@ -1,13 +1,20 @@
-"""Package structure: no import cycles between cpd_mm modules, and every
-module type with its own channel algebra has exactly one handler."""
+"""Package structure: no import cycles between cpd_mm modules, every
+module type with its own channel algebra has exactly one handler, and a
+construct's specifics live in its handler's file only."""
 import ast
+import inspect
 import os
 import os.path as osp
+import re
+import sys
 
+import numpy as np
+import pytest
 import torch.nn as nn
 
 import cpd_mm
-from cpd_mm.comb.handlers import HANDLERS, ModuleHandler
+from cpd_mm.comb.handlers import (HANDLERS, OP_HANDLERS, ModuleHandler,
+                                  op_handlers)
 
 ROOT = osp.dirname(cpd_mm.__file__)
 
@@ -86,3 +93,74 @@ def test_one_handler_per_module_type():
     # its own declaration
     for cls, types in kinds.items():
         assert types == set(cls.module_types)
+
+
+# the generic machinery: it must treat every construct through its handler
+GENERIC = ('comb', 'prune', osp.join('deploy', 'layer_specs.py'))
+
+
+def _construct_names():
+    """name -> handler file: the aten ops an op handler registers, and the
+    public classes and functions defined in its file."""
+    names = {op: type(h).__module__ for op, h in OP_HANDLERS.items()}
+    for h in op_handlers():
+        mod = sys.modules[type(h).__module__]
+        for node in ast.parse(inspect.getsource(mod)).body:
+            if isinstance(node, (ast.ClassDef, ast.FunctionDef)) and \
+                    not node.name.startswith('_'):
+                names[node.name] = mod.__name__
+    return names
+
+
+def misplaced(root=ROOT):
+    """``(file, name)`` for every construct name found in a generic file
+    under ``root`` (outside ``comb/handlers``)."""
+    names = _construct_names()
+    pattern = re.compile(r'\b(%s)\b' % '|'.join(map(re.escape, names)))
+    found = []
+    for part in GENERIC:
+        top = osp.join(root, part)
+        files = [top] if top.endswith('.py') else [
+            osp.join(d, f) for d, _, fs in os.walk(top) for f in fs
+            if f.endswith('.py')]
+        for path in files:
+            if osp.join('comb', 'handlers') in path:
+                continue
+            found += [(osp.relpath(path, root), n) for n in
+                      sorted(set(pattern.findall(open(path).read())))]
+    return found
+
+
+def test_constructs_live_in_their_handler():
+    """Norm statistics and fused attention are handled like module types:
+    their ops, records and gating are named in their handler's file only
+    (tracer, gates, surgery, groups, cost and latency specs call the
+    handler contract)."""
+    names = _construct_names()
+    assert {'native_layer_norm', 'scaled_dot_product_attention',
+            'NormSite', 'AttentionScale'} <= set(names)
+    assert misplaced() == []
+
+
+def test_latency_widths_come_from_handlers(tmp_path, monkeypatch):
+    """The cost model times a layer at the widths its handler states: a
+    handler that says its module is not timed removes it."""
+    pytest.importorskip('onnxruntime')
+    from cpd_mm.comb import comb_model
+    from cpd_mm.comb.handlers.linear import LinearHandler
+    from cpd_mm.deploy.latency_table import LatencyTable
+    from cpd_mm.prune.cost import CostModel
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, groups=8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 1), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(8, 4)).eval()
+    shape = (1, 3, 16, 16)
+    table = LatencyTable.build(model, shape, cache_dir=str(tmp_path),
+                               samples=2)
+    comb = comb_model(model, shape)
+    full = np.ones(comb.num_channels, dtype=bool)
+    widths = CostModel(model, comb, table)._widths(full)
+    assert widths == {'0': (3, 8), '2': (8, ), '4': (8, 8), '7': (8, 4)}
+    monkeypatch.setattr(LinearHandler, 'latency_widths',
+                        lambda self, m, rec: None, raising=False)
+    assert '7' not in CostModel(model, comb, table)._widths(full)

@@ -1,12 +1,14 @@
 """Gates: switch channels off in a running model without changing its shape.
 
 Every gate site found by the tracer (a leaf-module output whose removed
-channels would not be zero) is multiplied by the channel mask. Layer and
-group norms whose statistics run over removed channels compute them over
-active channels only, and handlers that gate inside their module (attention
-projections) get their own forward; both only while some of their channels
-are removed. With that, a gated model and its physically pruned version
-compute the same function (the equivalence invariant).
+channels would not be zero) is multiplied by the channel mask. Handlers that
+gate inside a module get their own forward there, only while some of its
+channels are removed: module handlers (attention projections) through
+:meth:`~cpd_mm.comb.handlers.ModuleHandler.gate_forward`, op handlers (norm
+statistics over active channels only) through
+:meth:`~cpd_mm.comb.handlers.OpHandler.gate_patches`. With that, a gated
+model and its physically pruned version compute the same function (the
+equivalence invariant).
 
 Gates live outside the model's module tree, so its ``state_dict`` is
 unchanged; the mask is plain data that the pruning hook checkpoints. Index
@@ -20,85 +22,10 @@ from typing import Dict, List
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
 from .groups import CombResult
-from .handlers import handler_for
+from .handlers import handler_for, op_handlers
 from .space import along, channel_axis
-
-_LAYER_NORMS = (F.layer_norm, torch.layer_norm)
-_GROUP_NORMS = (F.group_norm, torch.group_norm)
-
-
-def masked_layer_norm(x, normalized_shape, weight, bias, eps, pos, axis):
-    """Layer norm over the active channels only: the native op runs on the
-    channels at positions ``pos`` of ``axis`` (negative, one of the
-    normalised axes); removed channels come out as zeros."""
-    k = len(normalized_shape)
-    shape = list(normalized_shape)
-    shape[axis + k] = len(pos)
-    sub = lambda t: None if t is None else t.index_select(axis + k, pos)
-    y = F.layer_norm(x.index_select(axis, pos), shape, sub(weight),
-                     sub(bias), eps)
-    return x.new_zeros(x.shape).index_copy(axis % x.dim(), pos, y)
-
-
-def masked_group_norm(x, num_groups, weight, bias, eps, pos):
-    """Group norm (channels on axis 1) over the active channels only; every
-    group keeps the same number of them (comb ties their positions)."""
-    sub = lambda t: None if t is None else t.index_select(0, pos)
-    y = F.group_norm(x.index_select(1, pos), num_groups, sub(weight),
-                     sub(bias), eps)
-    return x.new_zeros(x.shape).index_copy(1, pos, y)
-
-
-class _NormSite:
-    """One norm op in the gated model: its channels along ``axis`` and,
-    for the current mask, the positions of the active ones."""
-    __slots__ = ('channels', 'axis', 'pos')
-
-    def __init__(self, channels, axis):
-        self.channels, self.axis, self.pos = channels, axis, None
-
-    def update(self, kept_full, device):
-        active = kept_full[np.where(self.channels >= 0, self.channels, -1)]
-        self.pos = torch.as_tensor(np.nonzero(active)[0], device=device)
-
-
-def _arg(args, kwargs, i, name, default=None):
-    return args[i] if len(args) > i else kwargs.get(name, default)
-
-
-class _MaskedNorms(TorchFunctionMode):
-    """Replaces the norm calls of one module call by masked versions;
-    ``sites[i]`` is the :class:`_NormSite` of the i-th norm call, or None."""
-
-    def __init__(self, sites):
-        super().__init__()
-        self.sites, self.i = sites, 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        layer = func in _LAYER_NORMS
-        if not (layer or func in _GROUP_NORMS):
-            return func(*args, **kwargs)
-        site = self.sites[self.i] if self.i < len(self.sites) else None
-        self.i += 1
-        if site is None:
-            return func(*args, **kwargs)
-        x = args[0]
-        pos = site.pos if site.pos.device == x.device else \
-            site.pos.to(x.device)
-        if layer:
-            return masked_layer_norm(
-                x, tuple(_arg(args, kwargs, 1, 'normalized_shape')),
-                _arg(args, kwargs, 2, 'weight'), _arg(args, kwargs, 3, 'bias'),
-                _arg(args, kwargs, 4, 'eps', 1e-5), pos, site.axis)
-        return masked_group_norm(
-            x, _arg(args, kwargs, 1, 'num_groups'),
-            _arg(args, kwargs, 2, 'weight'), _arg(args, kwargs, 3, 'bias'),
-            _arg(args, kwargs, 4, 'eps', 1e-5), pos)
 
 
 class ChannelGates:
@@ -120,8 +47,9 @@ class ChannelGates:
         self.modules = dict(model.named_modules())
         self._calls = defaultdict(int)
         self._handles = []
-        # forwards that gate inside a module: masked parameters, masked
-        # norms, handlers (installed only while their channels are masked)
+        # forwards that gate inside a module: masked parameters, op
+        # handlers' patches, module handlers (installed only while their
+        # channels are masked)
         self._patches = {}  # name -> (channel set, forward factory)
         # output gates: a module whose gate parameters (weight rows and bias
         # of a conv or linear, norm affine) scale each output channel is
@@ -151,13 +79,13 @@ class ChannelGates:
             self._handles.append(self.modules[comb.first_module]
                                  .register_forward_pre_hook(
                                      lambda *a: self._calls.clear()))
-        self._norm_sites: List[_NormSite] = []
-        self._norm_patch_names = set()
-        norms = defaultdict(lambda: defaultdict(dict))
-        for s in comb.norm_sites:
-            norms[s.module][s.call][s.index] = (s.atoms, s.axis)
-        for name, calls in norms.items():
-            self._add_norm_patch(name, calls)
+        self._op_updates = []       # called with every new mask
+        self._op_patch_names = set()  # kept as they are while probing
+        for h in op_handlers():
+            for patch in h.gate_patches(self.modules, comb,
+                                        comb.op_records.get(h.key, []),
+                                        self._calls):
+                self._add_op_patch(patch)
         for name, rec in comb.records.items():
             m = self.modules[name]
             fwd = handler_for(m).gate_forward(m, rec, self._mask_of)
@@ -209,8 +137,8 @@ class ChannelGates:
         self.mask[:-1].copy_(torch.from_numpy(kept.astype(np.float32)))
         removed = ~kept
         full = np.append(kept, True)  # index -1: atoms without a channel
-        for site in self._norm_sites:
-            site.update(full, self.device)
+        for update in self._op_updates:
+            update(full, self.device)
         for gate, idx in self._param_gates:
             gate[0] = self.mask[idx]
         # gates whose channels are all kept cost nothing
@@ -307,50 +235,14 @@ class ChannelGates:
         self._patches[name] = (self._channel_set(lines[0]), make)
         return True
 
-    def _add_norm_patch(self, name, calls):
-        n = max(calls) + 1
-        sites = []
-        for c in range(n):
-            ops = calls.get(c, {})
-            sites.append([None if i not in ops else
-                          _NormSite(self.comb.channels(ops[i][0]), ops[i][1])
-                          for i in range(max(ops) + 1 if ops else 0)])
-        self._norm_sites += [s for call in sites for s in call if s]
+    def _add_op_patch(self, patch):
         chans = np.unique(np.concatenate(
-            [self._channel_set(a) for ops in calls.values()
-             for a, _ in ops.values()]))
-        gates, key = self, name + '#norm'
-        m = self.modules[name]
-        plain = type(m).forward in (nn.LayerNorm.forward,
-                                    nn.GroupNorm.forward)
-
-        def make():
-            if plain:  # the library's own forward: call the masked op
-                layer = isinstance(m, nn.LayerNorm)
-
-                def forward(self_, x):
-                    i = gates._calls[key] % n
-                    gates._calls[key] += 1
-                    site = sites[i][0]
-                    if layer:
-                        return masked_layer_norm(
-                            x, self_.normalized_shape, self_.weight,
-                            self_.bias, self_.eps, site.pos, site.axis)
-                    return masked_group_norm(x, self_.num_groups,
-                                             self_.weight, self_.bias,
-                                             self_.eps, site.pos)
-                return forward
-
-            def forward(self_, *args, **kwargs):
-                i = gates._calls[key] % n
-                gates._calls[key] += 1
-                with _MaskedNorms(sites[i]):
-                    return type(self_).forward(self_, *args, **kwargs)
-            return forward
-        if name in self._patches:  # never both: handlers hide norm ops
-            raise RuntimeError(f'{name} has two gating forwards')
-        self._patches[name] = (chans, make)
-        self._norm_patch_names.add(name)
+            [self._channel_set(a) for a in patch.atoms]))
+        if patch.module in self._patches:  # never both: handlers hide ops
+            raise RuntimeError(f'{patch.module} has two gating forwards')
+        self._patches[patch.module] = (chans, patch.make)
+        self._op_updates.append(patch.update)
+        self._op_patch_names.add(patch.module)
 
     def _install(self, name, forward):
         m = self.modules[name]
@@ -370,12 +262,12 @@ class ChannelGates:
     def probing(self, values: torch.Tensor):
         """Every gate multiplies by ``values`` (entries per channel, plus a
         trailing 1) for a while, masked or not, e.g. a leaf tensor that
-        requires grad: explicit gate gradients. Norm statistics keep the
-        current mask."""
+        requires grad: explicit gate gradients. Op handlers' patches
+        (statistics over active channels) keep the current mask."""
         saved_mask, saved_active = self.mask, self._active
         saved_gates = [gate[0] for gate, _ in self._param_gates]
         added = [n for n in self._patches if n not in self._installed and
-                 not self._is_norm_patch(n)]
+                 n not in self._op_patch_names]
         self.mask = values
         self._active = {n: [c is not None for c in chans]
                         for n, chans in self._site_channels.items()}
@@ -391,9 +283,6 @@ class ChannelGates:
             self.mask, self._active = saved_mask, saved_active
             for (gate, _), g in zip(self._param_gates, saved_gates):
                 gate[0] = g
-
-    def _is_norm_patch(self, name):
-        return name in self._norm_patch_names
 
     @contextlib.contextmanager
     def detached(self):

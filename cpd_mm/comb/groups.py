@@ -12,6 +12,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from .handlers import op_handlers
 from .space import UnionFind
 
 
@@ -64,7 +65,8 @@ class CombResult:
         groups (list[ChannelGroup]): coupled groups, in trace order.
         frozen_channels (np.ndarray): bool per channel, never pruned.
         records (dict): module name -> the handler's record.
-        sites, norm_sites, attention_scales, views, passengers, producers,
+        op_records (dict): op handler key -> its records, in trace order.
+        sites, views, passengers, producers,
             channelwise: the tracer's typed records.
         unhandled_ops (dict): aten op name -> calls without a channel rule
             (their channels are frozen).
@@ -81,9 +83,7 @@ class CombResult:
             if n_atoms else 0
         self.records = tracer.records
         self.sites = tracer.sites
-        self.norm_sites = tracer.norm_sites
-        self.attention_scales = tracer.attention_scales
-        self.attention_cores = tracer.attention_cores
+        self.op_records = dict(tracer.op_records)
         self.views = tracer.views
         self.split_sizes = tracer.split_sizes
         self.unhandled_ops = dict(tracer.unhandled_ops)
@@ -198,13 +198,8 @@ class CombResult:
             for gi in self._groups_of(ps.atoms):
                 if ps.name not in self.groups[gi].passengers:
                     self.groups[gi].passengers.append(ps.name)
-        for s in self.attention_scales:
-            c = self.channels(s.q_ids).ravel()
-            c = c[c >= 0]
-            for gi in np.unique(self.group_of_channel[c]):
-                heads = s.q_ids.size // max(s.head_dim, 1)
-                self.groups[gi].granularity = \
-                    f'head dims (uniform over {heads} head(s))'
+        for h in op_handlers():
+            h.annotate_groups(self, self.op_records.get(h.key, []))
 
     def _groups_of(self, atoms):
         c = self.channels(atoms)

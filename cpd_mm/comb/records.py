@@ -1,12 +1,13 @@
 """Typed records that the tracer collects and gates, cost and surgery read.
 
 Atoms are int64 arrays (see :mod:`cpd_mm.comb.space`); ``-1`` is "no
-channel".  Module records (one per traced module that a handler owns) are
-defined next to their handler in :mod:`cpd_mm.comb.handlers`; the records
-here are the ones that aten-level rules and the tracer itself produce.
+channel".  Records of a construct (a module handler's record per traced
+module, an op handler's records per op call) are defined next to their
+handler in :mod:`cpd_mm.comb.handlers`; the records here are the ones that
+generic aten rules and the tracer itself produce.
 """
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List
 
 import numpy as np
 
@@ -42,46 +43,6 @@ class GateSite:
     call: int
     ids: np.ndarray
     users: List[str] = field(default_factory=list)
-
-
-@dataclass
-class NormSite:
-    """A layer/group normalisation op whose statistics run over channels:
-    the gated model normalises over active channels only.
-
-    ``module`` is the innermost module that ran the op, ``call`` its call
-    index and ``index`` the op's position among the norm ops of that call.
-    ``atoms`` are the channels along ``axis`` of the op's input (negative
-    for ``layer_norm``, counted from the end; 1 for ``group_norm``).
-    """
-    kind: str  # 'layer_norm' or 'group_norm'
-    module: str
-    call: int
-    index: int
-    atoms: np.ndarray
-    axis: int
-
-
-@dataclass
-class AttentionScale:
-    """``scaled_dot_product_attention`` without an explicit scale: it derives
-    ``1/sqrt(head_dim)`` from q, so surgery folds the original scale into
-    q's producer when head dims shrink."""
-    module: str
-    producer: Optional[str]
-    q_ids: np.ndarray
-    head_dim: int
-
-
-@dataclass
-class AttentionCore:
-    """One ``scaled_dot_product_attention`` call inside ``module`` (its
-    ``call``-th): per-head q/k and v channels (one head's atoms each)."""
-    module: str
-    call: int
-    heads: int
-    qk: np.ndarray
-    v: np.ndarray
 
 
 @dataclass

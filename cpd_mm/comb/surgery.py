@@ -1,54 +1,28 @@
 """Surgery: turn a model plus a keep-mask into a smaller dense model.
 
-Every handled module is sliced by its handler (or swapped for a drop-in),
-passengers are sliced, the original attention scale is folded into q when
-head dims shrink, and module attributes that the model's own forward code
+Op handlers do their surgery first (fused attention folds its original
+scale into q when head dims shrink), every handled module is sliced by its
+handler (or swapped for a drop-in), passengers are sliced, and module
+attributes that the model's own forward code
 uses to reshape (``head_dims``, ``num_channels`` ...) are updated, so that
 forward runs unchanged on the smaller model.
 """
 import copy
 import functools
 import inspect
-import math
 import re
 
 import numpy as np
-import torch
 import torch.nn as nn
 
 from .groups import CombResult
-from .handlers import handler_for, keep_param
-from .space import along
+from .handlers import handler_for, keep_param, op_handlers
 
 
 def _owner(model, path):
     mod_path, _, attr = path.rpartition('.')
     mod = model.get_submodule(mod_path) if mod_path else model
     return mod, attr
-
-
-def _fold_attention_scales(model, comb, keep):
-    """Scaled-dot-product attention without an explicit scale derives
-    1/sqrt(head_dim) from q; keep the original by scaling q's producer."""
-    for s in comb.attention_scales:
-        d = s.head_dim
-        new_d = int(keep(along(s.q_ids, -1, d)).sum())
-        if new_d == d or not s.producer:
-            continue
-        m = model.get_submodule(s.producer)
-        rec = comb.records[s.producer]
-        q_atoms = np.unique(s.q_ids[s.q_ids >= 0])
-        rows = torch.as_tensor(np.nonzero(np.isin(rec.outputs, q_atoms))[0],
-                               device=m.weight.device)
-        f = math.sqrt(new_d / d)
-        for pname in ('weight', 'bias'):  # new tensors: m may share them
-            p = getattr(m, pname, None)
-            if p is None:
-                continue
-            scaled = p.detach().clone()
-            scaled[rows] *= f
-            setattr(m, pname, nn.Parameter(scaled,
-                                           requires_grad=p.requires_grad))
 
 
 # shape arguments of reshaping calls (one level of nested parentheses)
@@ -189,7 +163,8 @@ def prune_model(model: nn.Module, comb: CombResult,
         if not kept[g.channels].any():
             raise ValueError(f'group {g.name!r} would lose all its channels')
     keep = comb.keep_fn(kept)
-    _fold_attention_scales(model, comb, keep)
+    for h in op_handlers():
+        h.prune(model, comb, comb.op_records.get(h.key, []), keep)
     modules = dict(model.named_modules())
     for name, rec in comb.records.items():
         m = modules[name]

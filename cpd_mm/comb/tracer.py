@@ -7,7 +7,8 @@ identity of parameters used directly. The dispatcher sees every op that
 really runs, with its arguments and outputs; module hooks tell which module
 ran it. Modules with a handler (:mod:`cpd_mm.comb.handlers`) are traced as
 one unit (their inner ops are hidden) unless the handler is transparent;
-every other op goes through the rule table (:mod:`cpd_mm.comb.rules`).
+ops of a construct that no module owns go to its op handler, and every
+other op through the rule table (:mod:`cpd_mm.comb.rules`).
 """
 import os
 from collections import defaultdict
@@ -20,16 +21,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from .forward import default_forward
-from .handlers import handler_for
-from .handlers.norm import NormHandler, NormRecord
-from .records import (Channelwise, Frozen, GateSite, NormSite, Passenger,
-                      Producer, SplitSizes, ViewSize)
+from .handlers import handler_for, op_handler_for, op_handlers
+from .records import (Channelwise, Frozen, GateSite, Passenger, Producer,
+                      SplitSizes, ViewSize)
 from .rules import NO_CHANNEL_OPS, RULES, STOP_OPS
 from .space import TensorInfo, UnionFind, along, channel_axis, empty_ids
-
-_BATCH_NORM_OPS = {'aten.native_batch_norm', 'aten._native_batch_norm_legit',
-                   'aten._native_batch_norm_legit_no_training',
-                   'aten.cudnn_batch_norm', 'aten.miopen_batch_norm'}
 
 
 class CombTracer(TorchDispatchMode):
@@ -56,14 +52,12 @@ class CombTracer(TorchDispatchMode):
         self.channelwise: List[Channelwise] = []
         self.passengers: List[Passenger] = []
         self.frozen: List[Frozen] = []
-        self.attention_scales = []
-        self.attention_cores = []
         self.views: List[ViewSize] = []
         self.split_sizes: List[SplitSizes] = []
         self.sites: List[GateSite] = []
-        self.norm_sites: List[NormSite] = []
+        self.op_records = defaultdict(list)  # op handler key -> records
         self._site_of: Dict[int, int] = {}   # id(gated tensor) -> site
-        self._norm_ops = defaultdict(int)    # (module, call) -> norm ops
+        self._op_counts = defaultdict(int)   # (key, module, call) -> ops
         self.calls = defaultdict(int)
         self.first_module = None        # the first submodule called
         # parameters of modules traced as one unit: used by other ops too,
@@ -152,29 +146,16 @@ class CombTracer(TorchDispatchMode):
     def add_channelwise(self, name, atoms):
         self.channelwise.append(Channelwise(name, atoms))
 
-    def add_norm_record(self, line, param_axis, per_channel_groups=False):
-        """Size attributes of a norm module follow its channels."""
-        name = self.current_module
-        m = self.modules.get(name)
-        if m is not None and isinstance(handler_for(m), NormHandler):
-            rec = self.module_record(name, NormRecord)
-            rec.axis = param_axis
-            rec.per_channel_groups |= per_channel_groups
-            rec.merge(self, channels=line)
+    def add_op_record(self, handler, record):
+        """A typed record of an op handler (``comb.op_records[key]``)."""
+        self.op_records[handler.key].append(record)
 
-    def norm_op_index(self):
-        """Position of this layer/group norm op among those of the current
-        module call (the gated model counts them the same way)."""
-        key = (self.current_module, self.calls[self.current_module] - 1)
-        self._norm_ops[key] += 1
-        return self._norm_ops[key] - 1
-
-    def add_norm_site(self, index, kind, line, axis, param_axis):
-        name = self.current_module
-        call = self.calls[name] - 1
-        self.norm_sites.append(NormSite(kind, name, call, index, line, axis))
-        self.add_norm_record(line, param_axis)
-        self.add_channelwise(name, line)
+    def op_index(self, key):
+        """Position of this op among the ops counted under ``key`` in the
+        current module call (a gating forward counts them the same way)."""
+        k = (key, self.current_module, self.calls[self.current_module] - 1)
+        self._op_counts[k] += 1
+        return self._op_counts[k] - 1
 
     def record_view(self, out, ids):
         ch = channel_axis(ids)
@@ -197,7 +178,9 @@ class CombTracer(TorchDispatchMode):
             if owner is not None:
                 self._escaped[owner[0]].add(f'{owner[1]} by aten.{name}')
         res, failed = None, False
-        rule = RULES.get(name)
+        op_handler = op_handler_for(name)
+        rule = op_handler.trace if op_handler is not None else \
+            RULES.get(name)
         if rule is not None:
             try:
                 res = rule(self, args, kwargs, out)
@@ -225,12 +208,14 @@ class CombTracer(TorchDispatchMode):
                 self.sites[i].users.append(user)
 
     def _drop_redundant_sites(self):
-        """A gate right before a BatchNorm module is redundant: the
-        BatchNorm's own output is gated, and nothing else reads the
+        """A gate right before a module that absorbs it (a BatchNorm, whose
+        own output is gated) is redundant when nothing else reads the
         tensor."""
+        ops = {op for h in op_handlers() for op in h.absorbing_ops}
+
         def redundant(s):
-            return any(u.startswith('bn:') for u in s.users) and all(
-                u.startswith('bn:') or u in _BATCH_NORM_OPS for u in s.users)
+            return any(u.startswith('absorb:') for u in s.users) and all(
+                u.startswith('absorb:') or u in ops for u in s.users)
         self.sites = [s for s in self.sites if not redundant(s)]
 
     def _freeze_escaped(self):
@@ -261,7 +246,7 @@ class CombTracer(TorchDispatchMode):
     def _pre(self, name, module):
         handler = handler_for(module)
         opaque = handler is not None and not handler.transparent
-        bn = isinstance(module, nn.modules.batchnorm._BatchNorm)
+        absorbs = handler is not None and handler.absorbs_input_gate(module)
 
         def hook(mod, args, kwargs):
             self.stack.append(name)
@@ -271,7 +256,8 @@ class CombTracer(TorchDispatchMode):
             if self.suppress:
                 self._frames.append('inside')
                 return
-            kind = 'bn:' if bn else 'module:' if opaque else 'call:'
+            kind = 'absorb:' if absorbs else 'module:' if opaque \
+                else 'call:'
             self._use(self.tensors_of((args, kwargs)), kind + name)
             if opaque:
                 self.suppress += 1

@@ -3,7 +3,10 @@
 A *spec* is a plain dict that fixes everything about a layer call except the
 widths pruning changes (kind, kernel, stride, padding, dilation, groups
 structure, input spatial size or tokens, batch, bias, full widths). Layers
-with equal specs are measured once. Kinds and their widths:
+with equal specs are measured once. Module kinds and their widths are below;
+op handlers add the kinds of the constructs they own
+(:attr:`cpd_mm.comb.handlers.OpHandler.latency`, e.g. ``attention``: fused
+attention calls at ``(heads, qk_dim, v_dim)``).
 
 ==========  ==============================  ==================================
 kind        module / call                   widths (in the table's API)
@@ -14,7 +17,6 @@ conv        nn.Conv1d / nn.Conv2d           ``(cin, cout)``; grouped convs keep
 dwconv      depthwise conv (groups = cin)   ``c`` (one number; cout = c * mult)
 linear      nn.Linear on ``[..., cin]``     ``(cin, cout)``; the token count is
                                             in the spec
-attention   F.scaled_dot_product_attention  ``(heads, qk_dim, v_dim)``
 ==========  ==============================  ==================================
 """
 import hashlib
@@ -23,9 +25,10 @@ from typing import Callable, Dict, List, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
+
+from ..comb.handlers import op_handlers
 
 __all__ = ['discover_layers', 'spec_id', 'spec_axes', 'sample_widths',
            'build_layer', 'interpolate', 'widths_of', 'output_size']
@@ -63,21 +66,19 @@ def _linear_spec(m: nn.Linear, x: torch.Tensor) -> dict:
                 lead=list(map(int, x.shape[:-1])), bias=m.bias is not None)
 
 
-def _attention_spec(q, k, v) -> dict:
-    heads = int(q.shape[-3]) if q.dim() >= 3 else 1
-    batch = int(np.prod(q.shape[:-3])) if q.dim() > 3 else 1
-    return dict(kind='attention', batch=batch, heads=heads,
-                tokens_q=int(q.shape[-2]), tokens_kv=int(k.shape[-2]),
-                qk=int(q.shape[-1]), v=int(v.shape[-1]))
+def _op_kinds() -> dict:
+    """Spec kind -> :class:`~cpd_mm.comb.handlers.LatencyKind` of the op
+    handlers that are timed."""
+    return {h.latency.kind: h.latency for h in op_handlers()
+            if h.latency is not None}
 
 
 def output_size(spec: dict, widths: Sequence[int]) -> int:
     """Elements of the layer's output at ``widths`` (for the share of
     width-proportional ops such as norms, activations and adds)."""
     kind = spec['kind']
-    if kind == 'attention':
-        h, _, dv = widths
-        return spec['batch'] * spec['tokens_q'] * h * dv
+    if kind in _op_kinds():
+        return _op_kinds()[kind].output_size(spec, widths)
     if kind == 'linear':
         return int(np.prod(spec['lead'])) * widths[-1]
     cout = widths[0] * spec['mult'] if kind == 'dwconv' else widths[-1]
@@ -88,27 +89,26 @@ def widths_of(spec: dict) -> tuple:
     """The full widths of a spec, in the order of :func:`spec_axes`."""
     if spec['kind'] == 'dwconv':
         return (spec['c'], )
-    if spec['kind'] == 'attention':
-        return (spec['heads'], spec['qk'], spec['v'])
+    if spec['kind'] in _op_kinds():
+        return _op_kinds()[spec['kind']].widths_of(spec)
     return (spec['cin'], spec['cout'])
 
 
-class _SDPARecorder(TorchFunctionMode):
-    """Records every scaled_dot_product_attention call with the innermost
-    running module (attention is a function, not a module)."""
+class _OpRecorder(TorchFunctionMode):
+    """Records every call of an op kind's function with the innermost
+    running module (the construct is a function, not a module)."""
 
     def __init__(self, stack: List[str], found: List[tuple]):
         super().__init__()
         self.stack, self.found = stack, found
+        self.kinds = list(_op_kinds().values())
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention:
-            names = ('query', 'key', 'value')
-            qkv = [kwargs.get(n, args[i] if len(args) > i else None)
-                   for i, n in enumerate(names)]
+        kind = next((k for k in self.kinds if func is k.function), None)
+        if kind is not None:
             owner = self.stack[-1] if self.stack else ''
-            self.found.append((owner, _attention_spec(*qkv)))
+            self.found.append((kind.kind, owner, kind.spec(args, kwargs)))
         return func(*args, **kwargs)
 
 
@@ -125,11 +125,12 @@ def discover_layers(model: nn.Module, run: Callable[[], torch.Tensor],
 
     Returns:
         dict: ``layers`` (module name -> list of specs, one per call),
-        ``attention`` (key -> spec; the key is the innermost module running
-        the call, with ``#i`` for its i-th further call) and ``uncovered``
-        (modules of the kinds in :data:`UNCOVERED`, which the table does
-        not time; attention computed with matmul and softmax instead of
-        ``F.scaled_dot_product_attention`` is not found either).
+        one entry per op kind (``attention``: key -> spec; the key is the
+        innermost module running the call, with ``#i`` for its i-th
+        further call) and ``uncovered`` (modules of the kinds in
+        :data:`UNCOVERED`, which the table does not time; attention
+        computed with matmul and softmax instead of the fused function is
+        not found either).
     """
     stack: List[str] = []
     calls: List[tuple] = []  # (name, spec, output tensor)
@@ -162,7 +163,7 @@ def discover_layers(model: nn.Module, run: Callable[[], torch.Tensor],
         elif isinstance(m, UNCOVERED):
             uncovered.append(name)
     try:
-        with torch.no_grad(), _SDPARecorder(stack, found):
+        with torch.no_grad(), _OpRecorder(stack, found):
             result = run()
     finally:
         for h in handles:
@@ -171,14 +172,17 @@ def discover_layers(model: nn.Module, run: Callable[[], torch.Tensor],
     for name, spec, out in calls:
         spec['fixed_out'] = out is result
         layers.setdefault(name, []).append(spec)
-    attention: Dict[str, dict] = {}
-    for owner, spec in found:
-        key, i = owner, 0
-        while key in attention:
+    result = dict(layers=layers)
+    for kind in _op_kinds():
+        result[kind] = {}
+    for kind, owner, spec in found:
+        calls, key, i = result[kind], owner, 0
+        while key in calls:
             i += 1
             key = f'{owner}#{i}'
-        attention[key] = spec
-    return dict(layers=layers, attention=attention, uncovered=uncovered)
+        calls[key] = spec
+    result['uncovered'] = uncovered
+    return result
 
 
 def sample_widths(full: int, unit: int = 1, samples: int = 5,
@@ -204,41 +208,19 @@ def spec_axes(spec: dict, samples: int = 5, block: int = 8
 
     Conv / linear: ``samples`` per axis (an axis that reads the model input
     or makes its output has only its full width); depthwise conv: one axis;
-    attention: up to 3 head counts and 4 per-head widths for qk and v.
+    op kinds: as their :class:`~cpd_mm.comb.handlers.LatencyKind` says.
     """
     kind = spec['kind']
     if kind == 'dwconv':
         return [sample_widths(spec['c'], 1, samples, block)]
-    if kind == 'attention':
-        return [sample_widths(spec['heads'], 1, min(samples, 3), 10 ** 9),
-                sample_widths(spec['qk'], 1, min(samples, 4), block),
-                sample_widths(spec['v'], 1, min(samples, 4), block)]
+    if kind in _op_kinds():
+        return _op_kinds()[kind].axes(spec, sample_widths, samples, block)
     unit = spec.get('groups', 1)
     cin = ([spec['cin']] if spec.get('fixed_in')
            else sample_widths(spec['cin'], unit, samples, block))
     cout = ([spec['cout']] if spec.get('fixed_out')
             else sample_widths(spec['cout'], unit, samples, block))
     return [cin, cout]
-
-
-class _AttentionCore(nn.Module):
-    """Split of packed q/k/v, heads reshape, SDPA, merge: what sits between
-    the qkv projection and the output projection of a ViT block."""
-
-    def __init__(self, heads, qk, v, scale):
-        super().__init__()
-        self.heads, self.qk, self.v, self.scale = heads, qk, v, scale
-
-    def forward(self, q_in, kv_in):
-        h, dq, dv = self.heads, self.qk, self.v
-        b, n, _ = q_in.shape
-        m = kv_in.shape[1]
-        k, v = kv_in.split([h * dq, h * dv], dim=-1)
-        q = q_in.reshape(b, n, h, dq).transpose(1, 2)
-        k = k.reshape(b, m, h, dq).transpose(1, 2)
-        v = v.reshape(b, m, h, dv).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
-        return out.transpose(1, 2).reshape(b, n, h * dv)
 
 
 def build_layer(spec: dict, widths: Sequence[int]):
@@ -260,12 +242,8 @@ def build_layer(spec: dict, widths: Sequence[int]):
         cin, cout = widths
         return (nn.Linear(cin, cout, spec['bias']),
                 [torch.randn(*spec['lead'], cin)])
-    if kind == 'attention':
-        h, dq, dv = widths
-        b, n, m = spec['batch'], spec['tokens_q'], spec['tokens_kv']
-        core = _AttentionCore(h, dq, dv, 1.0 / float(spec['qk']) ** 0.5)
-        return core, [torch.randn(b, n, h * dq),
-                      torch.randn(b, m, h * (dq + dv))]
+    if kind in _op_kinds():
+        return _op_kinds()[kind].build(spec, widths)
     raise ValueError(f'unknown layer kind {kind!r}')
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch.nn as nn
 
 from ..comb.groups import CombResult
-from ..comb.handlers import CostTerm, handler_for
+from ..comb.handlers import CostTerm, TimedLayer, handler_for, op_handlers
 
 METRICS = ('params', 'flops', 'latency')
 
@@ -48,9 +48,9 @@ class CostModel:
                  latency_table=None):
         self.comb = comb
         self.table = latency_table
-        self._timed = self._timed_layers(comb, latency_table) \
-            if latency_table is not None else []
         modules = dict(model.named_modules())
+        self._timed = self._timed_layers(modules, comb, latency_table) \
+            if latency_table is not None else []
         terms: List[CostTerm] = []
         for name, rec in comb.records.items():
             terms += handler_for(modules[name]).cost_terms(modules[name], rec)
@@ -74,35 +74,26 @@ class CostModel:
 
     # ------------------------------------------------------------ latency
     @staticmethod
-    def _timed_layers(comb, table):
-        """(table key, kind, factors) of every timed layer that comb knows:
-        'layer' (cin, cout), 'depthwise' (c), 'attention' (qk, v, heads)."""
-        out = []
+    def _timed_layers(modules, comb, table):
+        """``(layer, factors)`` of every timed layer that comb knows, as
+        its handler states it (:class:`TimedLayer`)."""
+        layers: List[TimedLayer] = []
         for name in table.layers:
             rec = comb.records.get(name)
             if rec is None:
                 continue
-            if getattr(rec, 'depthwise', False):
-                out.append((name, 'depthwise', [_Factor(comb, rec.inputs)]))
-            elif getattr(rec, 'inputs', None) is not None and \
-                    getattr(rec, 'outputs', None) is not None:
-                out.append((name, 'layer', [_Factor(comb, rec.inputs),
-                                             _Factor(comb, rec.outputs)]))
-        for core in comb.attention_cores:
-            key = core.module + (f'#{core.call}' if core.call else '')
-            if key in table.attention_keys:
-                out.append((key, 'attention', [_Factor(comb, core.qk),
-                                               _Factor(comb, core.v)],
-                            core.heads))
-        return out
+            m = modules[name]
+            widths = handler_for(m).latency_widths(m, rec)
+            if widths is not None:
+                layers.append(TimedLayer(name, widths))
+        for h in op_handlers():
+            layers += h.latency_layers(comb, comb.op_records.get(h.key, []),
+                                       table)
+        return [(t, [_Factor(comb, a) for a in t.widths]) for t in layers]
 
     def _widths(self, kept):
-        w = {}
-        for item in self._timed:
-            key, kind, factors = item[:3]
-            c = [f.count(kept) for f in factors]
-            w[key] = (item[3], *c) if kind == 'attention' else tuple(c)
-        return w
+        return {t.key: (*t.fixed, *(f.count(kept) for f in factors))
+                for t, factors in self._timed}
 
     def latency(self, kept: np.ndarray) -> float:
         """Predicted ms of the deployed model (the latency table's)."""
@@ -117,22 +108,17 @@ class CostModel:
         save = np.zeros(self.comb.num_channels)
         scale = self.table.scale if self.table.data.get('complete') else 1.0
         w = self._widths(kept)
-        for item in self._timed:
-            key, kind, factors = item[:3]
-            t = self._time(key, kind, w[key])
-            for j, f in enumerate(factors):
-                lower = list(w[key])
-                lower[j + (kind == 'attention')] -= 1
-                if lower[j + (kind == 'attention')] < 1:
+        for layer, factors in self._timed:
+            time = getattr(self.table, layer.lookup)
+            t = time(layer.key, *w[layer.key])
+            for j, f in enumerate(factors, len(layer.fixed)):
+                lower = list(w[layer.key])
+                lower[j] -= 1
+                if lower[j] < 1:
                     continue
-                d = t - self._time(key, kind, tuple(lower))
+                d = t - time(layer.key, *lower)
                 np.add.at(save, f.chans, max(d, 0.0) * scale)
         return save
-
-    def _time(self, key, kind, widths):
-        if kind == 'attention':
-            return self.table.attention(key, *widths)
-        return self.table.layer(key, *widths)
 
     def evaluate(self, kept: np.ndarray, metric: str) -> float:
         """The deployed model's ``metric`` for ``kept``."""

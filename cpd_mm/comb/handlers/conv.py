@@ -179,6 +179,9 @@ class ConvHandler(ModuleHandler):
             terms.append(CostTerm('params', 1, (rec.outputs, )))
         return terms
 
+    def latency_widths(self, m, rec):
+        return [rec.inputs] if rec.depthwise else [rec.inputs, rec.outputs]
+
     def prune(self, m, rec, keep):
         kin = keep(rec.inputs)
         if _nothing_removed(rec, keep):  # e.g. frozen: leave it as it is

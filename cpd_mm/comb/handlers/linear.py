@@ -45,6 +45,9 @@ class LinearHandler(ModuleHandler):
             terms.append(CostTerm('params', 1, (rec.outputs, )))
         return terms
 
+    def latency_widths(self, m, rec):
+        return [rec.inputs, rec.outputs]
+
     def prune(self, m, rec, keep):
         kin, kout = keep(rec.inputs), keep(rec.outputs)
         keep_param(m, 'weight', 0, kout)

@@ -1,14 +1,12 @@
 """Products of activations: matmul between two activations couples the
-contracted channels (q.k^T couples q and k; attn.v carries v), and fused
-scaled-dot-product attention."""
+contracted channels (q.k^T couples q and k; attn.v carries v). Fused
+attention is a construct of its own (:mod:`cpd_mm.comb.handlers.sdpa`)."""
 import numpy as np
 
-from ..records import AttentionCore, AttentionScale
 from ..space import TensorInfo, along, channel_axis, collapse, empty_ids
-from .table import aligned, is_tensor, rule
+from .table import aligned, rule
 
 
-# ------------------------------------------------------ matmul / attention
 @rule('bmm', 'mm', 'matmul')
 def matmul_rule(tr, args, kwargs, out):
     a, b = args[0], args[1]
@@ -64,43 +62,3 @@ def matmul_rule(tr, args, kwargs, out):
         z = ia.z
     res = res.reshape(res.shape[-out.dim():]) if res.ndim > out.dim() else res
     return TensorInfo(collapse(res), z)
-
-
-@rule('scaled_dot_product_attention', '_scaled_dot_product_attention_math',
-      '_scaled_dot_product_flash_attention_for_cpu',
-      '_scaled_dot_product_flash_attention',
-      '_scaled_dot_product_efficient_attention',
-      '_scaled_dot_product_cudnn_attention')
-def sdpa_rule(tr, args, kwargs, out):
-    q, k, v = args[:3]
-    iq, ik, iv = tr.info(q), tr.info(k), tr.info(v)
-    nd = q.dim()
-    for i in (iq, ik):
-        if channel_axis(tr.uf.find(i.ids)) not in (None, nd - 1):
-            tr.freeze(i.ids, 'attention input with channels off the last axis')
-    shp = np.broadcast_shapes(iq.ids.shape[:-2] + (iq.ids.shape[-1], ),
-                              ik.ids.shape[:-2] + (ik.ids.shape[-1], ))
-    tr.uf.union(np.broadcast_to(np.take(iq.ids, 0, axis=-2), shp),
-                np.broadcast_to(np.take(ik.ids, 0, axis=-2), shp))
-    if not (iq.z or ik.z):
-        tr.freeze(iq.ids, 'attention sums q/k channels not zero when gated')
-    if kwargs.get('scale', None) is None and iq.lin is None and iq.has_ids:
-        tr.freeze(iq.ids, 'attention with implicit scale on a q that is not '
-                  'a pure view of a linear/conv output')
-    elif kwargs.get('scale', None) is None:
-        # the op derives 1/sqrt(head_dim) from q's width: surgery must fold
-        # the original scale into q's producer when head_dim shrinks
-        tr.attention_scales.append(AttentionScale(
-            tr.current_module, iq.lin, iq.ids, q.shape[-1]))
-    if q.dim() >= 3:  # (..., heads, tokens, head_dim): for the cost models
-        mod = tr.current_module
-        calls = sum(1 for c in tr.attention_cores if c.module == mod)
-        tr.attention_cores.append(AttentionCore(
-            mod, calls, int(q.shape[-3]), along(iq.ids, -1, q.shape[-1]),
-            along(iv.ids, -1, v.shape[-1])))
-    ids = iv.ids[..., :1, :] if iv.ids.shape[-2] > 1 else iv.ids
-    info = TensorInfo(collapse(np.ascontiguousarray(ids)), iv.z)
-    if isinstance(out, (tuple, list)):
-        return [info] + [TensorInfo(empty_ids(t.dim()), True) if is_tensor(t)
-                         else None for t in out[1:]]
-    return info
