@@ -36,6 +36,7 @@ Smoke test (a minute)::
 import argparse
 import copy
 import os.path as osp
+import sys
 import tempfile
 import time
 
@@ -52,10 +53,12 @@ from cpd_mm.deploy.report import format_table
 from cpd_mm.prune import CostModel, prune_model, select_channels
 from cpd_mm.prune.importance import ImportanceAccumulator
 
+sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
+from latency_vs_torch_pruning import build_config  # noqa: E402
+
 MODELS = {'resnet50': 'resnet50_8xb32_in1k',
           'deit-s': 'deit-small_4xb256_in1k',
           'resnet18': 'resnet18_8xb32_in1k'}  # resnet18: smoke tests
-NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
 PRECISIONS = ('fp32', 'int8')
 
 
@@ -89,18 +92,7 @@ def parse_args(argv=None):
 
 
 def build(name):
-    """The model with its own initialisation and norm weights ~ U(0.5, 1.5)
-    (seed 0: L1 scores without ties), in eval mode."""
-    from mmpretrain import get_model
-    torch.manual_seed(0)
-    model = get_model(MODELS[name], pretrained=False, device='cpu')
-    model.init_weights()
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, NORMS) and getattr(m, 'weight', None) is not None:
-                m.weight.copy_(torch.rand(m.weight.shape, generator=gen) + 0.5)
-    return model.eval()
+    return build_config(MODELS[name])
 
 
 def prune_to_latency(model, comb, table, keep, round_to):

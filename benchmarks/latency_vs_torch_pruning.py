@@ -60,11 +60,15 @@ NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
 
 
 def build(name):
-    """The model with its own initialisation and norm weights ~ U(0.5, 1.5)
-    (seed 0), in eval mode."""
+    return build_config(MODELS[name])
+
+
+def build_config(config):
+    """MMPretrain model ``config`` with its own initialisation and norm
+    weights ~ U(0.5, 1.5) (seed 0: L1 scores without ties), in eval mode."""
     from mmpretrain import get_model
     torch.manual_seed(0)
-    model = get_model(MODELS[name], pretrained=False, device='cpu')
+    model = get_model(config, pretrained=False, device='cpu')
     model.init_weights()
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
