@@ -42,7 +42,6 @@ import time
 
 import numpy as np
 import torch
-import torch.nn as nn
 
 from cpd_mm.comb import comb_model
 from cpd_mm.deploy import (LatencyTable, benchmark_sessions, count_flops,
