@@ -1,0 +1,351 @@
+"""Selection quality at equal measured latency: cpd_mm's channel selection
+against Torch-Pruning's (TP), on a task where selection matters.
+
+    OMP_NUM_THREADS=1 nice -n 5 python benchmarks/selection_grid.py run \\
+        > /tmp/selection_grid.log 2>&1 &          # resumable: rerun to go on
+    python benchmarks/selection_grid.py report   # JSON summary + plot
+
+Task ``cls``: :mod:`cpd_mm.datasets.fine_shapes` (24 classes, 64x64, 7200
+train / 2400 val images), a quarter-width ResNet-18 (MMPretrain), trained to
+convergence once (``--base-epochs``); every arm starts from that model, gets
+the same fine-tuning budget (``--epochs``, no distillation in any arm) and
+is evaluated on the same 2400 images. Arms (see ``selection_arms.py``):
+
+* ``cpd_mm``: CPDPruningHook's default selection (Hessian score summed over
+  coupled layers, cost-aware ranking against the measured latency table, no
+  memory normalisation), latency target ``point`` (0.3, 0.5, 0.7 of the
+  latency removed), pruning on a ramp during fine-tuning;
+* ``tp_taylor`` / ``tp_hessian`` / ``tp_magnitude``: TP's MetaPruner (global,
+  defaults: mean over coupled layers, mean-normalised), one shot, its
+  ``pruning_ratio`` bisected so that the model's onnxruntime latency equals
+  the ``cpd_mm`` model's of the same point and seed (timed interleaved,
+  within ``--tol``); then fine-tuned;
+* ``reference``: the unpruned model fine-tuned with the same budget;
+* cpd_mm's options, at ``--study-point`` only: ``cpd_paper`` (ranking by
+  memory-normalised score: the paper's selection), ``cpd_memnorm`` (cost
+  ranking of memory-normalised scores), ``cpd_mean`` (mean over coupled
+  layers), ``cpd_taylor``, ``cpd_hessian_fd``; and TP's other group
+  reductions and normalisers (``tp_<importance>_sum``: summed over coupled
+  layers; ``tp_<importance>_nonorm``: not normalised per group).
+
+Every finished run is appended as one JSON line to ``--results``; a run
+whose key (task, arm, point, seed) is there is skipped, so an interrupted
+grid continues where it stopped. Pruned models are kept in ``--work-dir``
+(TP's arms are matched to the cpd_mm model of their point and seed).
+"""
+import argparse
+import json
+import os
+import os.path as osp
+import statistics
+import sys
+import time
+
+os.environ.setdefault('OMP_NUM_THREADS', '1')
+sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+
+TP_ARMS = ('tp_taylor', 'tp_hessian', 'tp_magnitude')
+MAIN_ARMS = ('cpd_mm', ) + TP_ARMS
+STUDY_ARMS = {
+    'cpd_paper': dict(ranking='score', memory_norm=True),
+    'cpd_memnorm': dict(memory_norm=True),
+    'cpd_mean': dict(reduce='mean'),
+    'cpd_taylor': dict(importance='taylor'),
+    'cpd_hessian_fd': dict(importance='hessian_fd'),
+}
+# TP's other group reductions and normalisers, at --study-point only
+TP_STUDY = {f'tp_{kind}_{name}': (kind, opts)
+            for kind in ('taylor', 'hessian', 'magnitude')
+            for name, opts in (('sum', dict(group_reduction='sum')),
+                               ('nonorm', dict(normalizer=None)))}
+TP_OPTIONS = dict({a: (a[3:], {}) for a in TP_ARMS}, **TP_STUDY)
+ALL_ARMS = ('reference', *MAIN_ARMS, *STUDY_ARMS, *TP_STUDY)
+
+
+def jobs(args):
+    """(arm, point, seed) in the order they run: each seed's reference and
+    main arms first (middle point first), then the option study."""
+    order = sorted(args.points, key=lambda p: abs(p - 0.5))
+    out = []
+    for seed in args.seeds:
+        if 'reference' in args.arms:
+            out.append(('reference', None, seed))
+        out += [(a, p, seed) for p in order for a in MAIN_ARMS
+                if a in args.arms]
+    out += [(a, args.study_point, s) for s in args.seeds
+            for a in (*STUDY_ARMS, *TP_STUDY) if a in args.arms]
+    return out
+
+
+def key(arm, point, seed, task='cls'):
+    return f'{task}/{arm}/{point}/{seed}'
+
+
+def read_results(path):
+    """Finished rows by key (a torn last line, from a kill, is ignored)."""
+    rows = {}
+    if osp.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                rows[r['key']] = r
+    return rows
+
+
+def append_result(path, row):
+    with open(path, 'a') as f:
+        f.write(json.dumps(row) + '\n')
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# ------------------------------------------------------------ runs
+class Grid:
+    """The shared start (data, trained baseline, latency table) and one
+    method per kind of arm."""
+
+    def __init__(self, args):
+        import torch
+        import selection_arms as sa
+        self.args, self.sa = args, sa
+        os.makedirs(args.work_dir, exist_ok=True)
+        self.data = sa.load_data(args.work_dir, args.num_train, args.num_val)
+        path = osp.join(args.work_dir, f'baseline_e{args.base_epochs}.pth')
+        self.base = sa.build_model()
+        if osp.exists(path):
+            self.base.load_state_dict(torch.load(path))
+        else:
+            t = time.time()
+            sa.train(self.base, self.data, args.base_epochs, args.base_lr,
+                     seed=1234)
+            torch.save(self.base.state_dict(), path)
+            print(f'baseline trained in {time.time() - t:.0f} s', flush=True)
+        self.base_top1 = sa.top1(self.base, self.data)
+        print(f'baseline top-1 {self.base_top1:.2f}', flush=True)
+        self.table = sa.latency_table(self.base, args.work_dir)
+        self.timer = sa.Timer()
+        self.base_sess = self.timer.session(self.base)
+
+    def model_path(self, arm, point, seed):
+        return osp.join(self.args.work_dir, 'models',
+                        f'{arm}_{point}_{seed}.pth')
+
+    def start(self):
+        import copy
+        return copy.deepcopy(self.base)
+
+    def cpd(self, arm, point, seed):
+        opts = dict(self.sa.CPD_OPTIONS, **STUDY_ARMS.get(arm, {}))
+        model, plan, info = self.sa.cpd_prune(
+            self.start(), self.data, point, self.args.epochs, self.args.lr,
+            seed, self.args.round_to, self.table,
+            interval=self.args.interval, **opts)
+        return model, dict(info, options=opts, plan=plan)
+
+    def load_pruned(self, arm, point, seed):
+        import torch
+        from cpd_mm.prune import apply_plan
+        saved = torch.load(self.model_path(arm, point, seed))
+        model = apply_plan(self.sa.build_model(), saved['plan'])
+        model.load_state_dict(saved['state_dict'])
+        return model
+
+    def tp(self, arm, point, seed):
+        """Bisect TP's ratio to the cpd_mm model's measured latency."""
+        sa, (kind, imp_options) = self.sa, TP_OPTIONS[arm]
+        target = self.timer.session(self.load_pruned('cpd_mm', point, seed))
+        stats = sa.tp_statistics(self.base, self.data, kind, seed)
+        lo, hi, best, trials = 0.0, 0.95, None, []
+        for _ in range(self.args.max_bisect):
+            ratio = round((lo + hi) / 2, 4)
+            model, _ = sa.tp_prune(self.base, kind, ratio, stats,
+                                   self.args.round_to, **imp_options)
+            ms = self.timer.time([target, self.timer.session(model)],
+                                 runs=self.args.runs // 2)
+            rel = ms[1] / ms[0]
+            trials.append((ratio, round(rel, 4)))
+            if best is None or abs(rel - 1) < abs(best[1] - 1):
+                best = (ratio, rel, model)
+            if abs(rel - 1) <= self.args.tol:
+                break
+            lo, hi = (ratio, hi) if rel > 1 else (lo, ratio)
+        ratio, rel, model = best
+        sa.train(model, self.data, self.args.epochs, self.args.lr, seed)
+        return model, dict(tp_ratio=ratio, tp_options=imp_options,
+                           tp_vs_cpd_at_selection=rel, trials=trials)
+
+    def reference(self, arm, point, seed):
+        model = self.start()
+        self.sa.train(model, self.data, self.args.epochs, self.args.lr, seed)
+        return model, {}
+
+    def run(self, arm, point, seed):
+        import torch
+        from cpd_mm.deploy import model_complexity
+        t = time.time()
+        fn = self.reference if arm == 'reference' else \
+            self.tp if arm in TP_OPTIONS else self.cpd
+        model, info = fn(arm, point, seed)
+        plan = info.pop('plan', None)
+        if arm == 'cpd_mm':  # TP's arms are matched to it
+            os.makedirs(osp.dirname(self.model_path(arm, point, seed)),
+                        exist_ok=True)
+            torch.save(dict(plan=plan, state_dict=model.state_dict()),
+                       self.model_path(arm, point, seed))
+        score = self.sa.top1(model, self.data)
+        ms = self.timer.time([self.base_sess, self.timer.session(model)],
+                             runs=self.args.runs)
+        row = dict(key=key(arm, point, seed), task='cls', arm=arm,
+                   point=point, seed=seed, top1=score, base_top1=
+                   self.base_top1, ms=ms[1], base_ms=ms[0],
+                   rel_latency=ms[1] / ms[0],
+                   **model_complexity(model, (1, 3, *self.sa.SHAPE)),
+                   seconds=round(time.time() - t), **info,
+                   setup=setup(self.args))
+        return row
+
+
+def setup(args):
+    return dict(num_train=args.num_train, num_val=args.num_val,
+                base_epochs=args.base_epochs, epochs=args.epochs, lr=args.lr,
+                round_to=args.round_to, interval=args.interval, kd='none')
+
+
+def run(args):
+    todo = [j for j in jobs(args)
+            if key(*j) not in read_results(args.results)]
+    print(f'{len(todo)} runs to do ({len(jobs(args)) - len(todo)} done)',
+          flush=True)
+    if not todo:
+        return
+    grid = Grid(args)
+    for arm, point, seed in todo:
+        row = grid.run(arm, point, seed)
+        append_result(args.results, row)
+        print(f'{row["key"]}: top-1 {row["top1"]:.2f}, latency '
+              f'{row["rel_latency"]:.3f} of the baseline, '
+              f'{row["seconds"]} s', flush=True)
+
+
+# ------------------------------------------------------------ report
+def summarise(rows):
+    """Mean and spread of top-1 and relative latency per (arm, point)."""
+    cells = {}
+    for r in rows:
+        cells.setdefault((r['arm'], r['point']), []).append(r)
+    out = []
+    for (arm, point), rs in sorted(cells.items(), key=lambda c: (
+            c[0][0], c[0][1] or 0)):
+        acc = [r['top1'] for r in rs]
+        lat = [r['rel_latency'] for r in rs]
+        out.append(dict(
+            arm=arm, point=point, seeds=sorted(r['seed'] for r in rs),
+            top1_mean=statistics.mean(acc), top1_min=min(acc),
+            top1_max=max(acc), top1_std=statistics.stdev(acc)
+            if len(acc) > 1 else 0.0, rel_latency_mean=statistics.mean(lat),
+            rel_latency_min=min(lat), rel_latency_max=max(lat)))
+    return out
+
+
+def plot(summary, path):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for arm in sorted({s['arm'] for s in summary} - {'reference'}):
+        pts = sorted((s for s in summary if s['arm'] == arm),
+                     key=lambda s: s['rel_latency_mean'])
+        ax.errorbar([s['rel_latency_mean'] for s in pts],
+                    [s['top1_mean'] for s in pts],
+                    yerr=[[s['top1_mean'] - s['top1_min'] for s in pts],
+                          [s['top1_max'] - s['top1_mean'] for s in pts]],
+                    marker='o', capsize=3, label=arm,
+                    ls='-' if len(pts) > 1 else 'none')
+    for s in summary:
+        if s['arm'] == 'reference':
+            ax.axhline(s['top1_mean'], color='k', ls='--', lw=1)
+            ax.plot([s['rel_latency_mean']], [s['top1_mean']], 'k*', ms=12,
+                    label=f'unpruned, same budget ({s["top1_mean"]:.1f})')
+    ax.set_xlabel('measured latency / unpruned (onnxruntime, CPU, 1 thread)')
+    ax.set_ylabel('top-1 (%), mean over seeds; bars: min-max')
+    ax.set_title('fine_shapes (24 classes, 64x64): accuracy at latency')
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def report(args):
+    rows = list(read_results(args.results).values())
+    summary = summarise(rows)
+    out = dict(results=osp.relpath(args.results, ROOT), runs=len(rows),
+               summary=summary)
+    with open(args.json, 'w') as f:
+        json.dump(out, f, indent=1)
+    plot(summary, args.plot)
+    print('| arm | point | seeds | top-1 mean (min-max) | latency / base |')
+    print('|---|---|---|---|---|')
+    for s in summary:
+        print(f'| {s["arm"]} | {s["point"]} | {len(s["seeds"])} | '
+              f'{s["top1_mean"]:.2f} ({s["top1_min"]:.2f}-'
+              f'{s["top1_max"]:.2f}) | {s["rel_latency_mean"]:.3f} |')
+    print(f'wrote {args.json} and {args.plot}')
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('command', choices=('run', 'report', 'list'))
+    p.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2])
+    p.add_argument('--points', nargs='+', type=float,
+                   default=[0.3, 0.5, 0.7], help='latency share removed')
+    p.add_argument('--study-point', type=float, default=0.5)
+    p.add_argument('--arms', nargs='+', default=list(ALL_ARMS))
+    p.add_argument('--num-train', type=int, default=7200)
+    p.add_argument('--num-val', type=int, default=2400)
+    p.add_argument('--base-epochs', type=int, default=24)
+    p.add_argument('--base-lr', type=float, default=0.1)
+    p.add_argument('--epochs', type=int, default=3, help='fine-tuning budget')
+    p.add_argument('--lr', type=float, default=0.02)
+    p.add_argument('--round-to', type=int, default=4)
+    p.add_argument('--interval', type=int, default=16,
+                   help="iterations between cpd_mm's pruning steps")
+    p.add_argument('--tol', type=float, default=0.03)
+    p.add_argument('--max-bisect', type=int, default=8)
+    p.add_argument('--runs', type=int, default=2000,
+                   help='timed inferences of each final model')
+    p.add_argument('--work-dir', default=osp.join(ROOT, 'work_dirs',
+                                                  'selection_grid'))
+    p.add_argument('--results', default=osp.join(
+        ROOT, 'benchmarks', 'selection_grid_cls.jsonl'))
+    p.add_argument('--json', default=osp.join(
+        ROOT, 'benchmarks', 'selection_grid_cls.json'))
+    p.add_argument('--plot', default=osp.join(ROOT, 'docs', 'img',
+                                              'selection_grid_cls.png'))
+    args = p.parse_args(argv)
+    bad = sorted(set(args.arms) - set(ALL_ARMS))
+    if bad:
+        p.error(f'unknown arms {bad}: choose from {", ".join(ALL_ARMS)}')
+    if 'cpd_mm' not in args.arms and set(args.arms) & set(TP_OPTIONS):
+        p.error("TP's arms are matched to cpd_mm's latency: keep cpd_mm in "
+                '--arms')
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.command == 'run':
+        run(args)
+    elif args.command == 'report':
+        report(args)
+    else:
+        done = read_results(args.results)
+        for j in jobs(args):
+            print(key(*j), 'done' if key(*j) in done else 'todo')
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,75 @@
+"""The selection benchmark's data are reproducible and its grid resumes.
+
+``cpd_mm.datasets.fine_shapes`` must give the same images for the same
+arguments (every arm and every rerun sees one data set), and
+``benchmarks/selection_grid.py run`` must skip the runs its results file
+already holds (a grid killed after hours continues, it does not restart).
+"""
+import json
+import os.path as osp
+import sys
+
+import numpy as np
+import pytest
+
+from cpd_mm.datasets.fine_shapes import fine_class_names, make_fine_shapes
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+sys.path.insert(0, osp.join(ROOT, 'benchmarks'))
+import selection_grid as sg  # noqa: E402
+
+
+def test_fine_shapes_is_deterministic():
+    x, y = make_fine_shapes('val', 4, seed=3)
+    x2, y2 = make_fine_shapes('val', 6, seed=3)
+    # image i depends on (seed, split, i) only, not on how many are drawn
+    assert np.array_equal(x, x2[:4]) and np.array_equal(y, y2[:4])
+    assert x.shape == (4, 3, 64, 64) and x.dtype == np.uint8
+    assert y.tolist() == [0, 1, 2, 3] and len(fine_class_names()) == 24
+    assert not np.array_equal(x, make_fine_shapes('val', 4, seed=4)[0])
+    assert not np.array_equal(x, make_fine_shapes('train', 4, seed=3)[0])
+
+
+def test_fine_shapes_rejects_bad_input():
+    with pytest.raises(ValueError, match="split must be one of"):
+        make_fine_shapes('test', 2)
+    with pytest.raises(ValueError, match='num must be'):
+        make_fine_shapes('val', 0)
+
+
+class _FakeGrid:
+    """Stands in for the trained start: records which runs it is asked
+    for and returns a row for each."""
+    ran = []
+
+    def __init__(self, args):
+        pass
+
+    def run(self, arm, point, seed):
+        _FakeGrid.ran.append((arm, point, seed))
+        return dict(key=sg.key(arm, point, seed), arm=arm, point=point,
+                    seed=seed, top1=50.0, rel_latency=0.5, seconds=1)
+
+
+def test_grid_resumes(tmp_path, monkeypatch, capsys):
+    results = str(tmp_path / 'r.jsonl')
+    argv = ['run', '--seeds', '0', '1', '--points', '0.5', '--arms',
+            'reference', 'cpd_mm', 'tp_taylor', '--results', results]
+    all_jobs = sg.jobs(sg.parse_args(argv))
+    assert len(all_jobs) == 6
+    # two runs finished before a kill, which tore the third line
+    with open(results, 'w') as f:
+        for arm, point, seed in all_jobs[:2]:
+            f.write(json.dumps(dict(key=sg.key(arm, point, seed))) + '\n')
+        f.write('{"key": "cls/tp_ta')
+    with open(results, 'a') as f:
+        f.write('\n')
+    monkeypatch.setattr(sg, 'Grid', _FakeGrid)
+    _FakeGrid.ran = []
+    sg.main(argv)
+    assert _FakeGrid.ran == all_jobs[2:]
+    assert set(sg.read_results(results)) == {sg.key(*j) for j in all_jobs}
+    # everything is done: a rerun builds nothing and runs nothing
+    monkeypatch.setattr(sg, 'Grid', None)
+    sg.main(argv)
+    assert '0 runs to do (6 done)' in capsys.readouterr().out
