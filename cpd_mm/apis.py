@@ -19,7 +19,8 @@ from mmengine.config import Config
 from mmengine.registry import MODELS, init_default_scope
 from mmengine.runner.checkpoint import _load_checkpoint
 
-from .prune.plan import PLAN_META_KEY, PlanMismatchError, apply_plan
+from .prune.loading import checkpoint_plan
+from .prune.plan import PlanMismatchError, apply_plan
 
 __all__ = ['init_model', 'load_checkpoint_file', 'extract_state_dict',
            'CheckpointError']
@@ -142,7 +143,10 @@ def init_model(config: Union[str, Config],
     if checkpoint is not None:
         ckpt = load_checkpoint_file(checkpoint)
         meta = ckpt.get('meta') or {}
-        plan = meta.get(PLAN_META_KEY) if isinstance(meta, dict) else None
+        plan, kind = checkpoint_plan(ckpt)
+        state_dict = extract_state_dict(ckpt)
+        if kind == 'gated':  # full-size weights, then their masks
+            _load_state_dict_strict(model, state_dict, checkpoint)
         if plan is not None:
             try:
                 model = apply_plan(model, plan)
@@ -150,8 +154,8 @@ def init_model(config: Union[str, Config],
                 raise CheckpointError(
                     f'the pruning plan in {checkpoint} does not fit the model '
                     f'built from the config: {exc}') from exc
-        state_dict = extract_state_dict(ckpt)
-        _load_state_dict_strict(model, state_dict, checkpoint)
+        if kind != 'gated':
+            _load_state_dict_strict(model, state_dict, checkpoint)
         if isinstance(meta, dict) and meta.get('dataset_meta'):
             model.dataset_meta = meta['dataset_meta']
     model.cfg = cfg

@@ -51,12 +51,12 @@ class BreakSurgeryAfterComb(Hook):
 def test_failed_final_check_stops_and_keeps_the_gated_model(tmp_path,
                                                             monkeypatch,
                                                             how):
-    runner = make_runner(str(tmp_path), 12)
+    runner = make_runner(str(tmp_path), 12, shrink='never')
     runner._hooks.append(BreakSurgeryAfterComb(monkeypatch, how))
     with pytest.raises(PrunedCheckError) as err:
         runner.train()
     hook = [h for h in runner.hooks if isinstance(h, CPDPruningHook)][0]
-    pruned = {g.name for g in hook.comb.groups
+    pruned = {g.name for g in hook.base.groups
               if not hook.kept[g.channels].all()}
     assert pruned == {'conv1', 'conv2'}
     # 'wrong' breaks both (each has a BatchNorm), 'raises' bn2's (conv2):
@@ -75,13 +75,33 @@ def test_failed_final_check_stops_and_keeps_the_gated_model(tmp_path,
     # full-size weights + its masks give the model the run trained
     model = HookToyNet()
     model.load_state_dict(ckpt['state_dict'], strict=True)
-    gates = ChannelGates(model, hook.comb)
+    gates = ChannelGates(model, hook.base)
     gates.set_plan(ckpt['meta'][GATED_PLAN_KEY])
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         np.testing.assert_allclose(model.eval()(x),
                                    runner.model.eval()(x), rtol=1e-6,
                                    atol=1e-6)
+
+
+@pytest.mark.parametrize('how', ['wrong', 'raises'])
+def test_failed_shrink_check_stops_before_the_student_changes(
+        tmp_path, monkeypatch, how):
+    """shrink='step': the check runs before the first physical removal
+    (iter 4); the run stops there, the student keeps its size and the gated
+    model is kept, as for the final check."""
+    runner = make_runner(str(tmp_path), 12)
+    runner._hooks.append(BreakSurgeryAfterComb(monkeypatch, how))
+    with pytest.raises(PrunedCheckError) as err:
+        runner.train()
+    # the ramp's first step removes channels at iter 4 (its goal at iter 2
+    # is 0): the run stops in that iteration's hook
+    assert runner.iter == 3
+    assert runner.model.conv1.weight.shape[0] == 16
+    gated_path = tmp_path / 'shrunk_iter_4.FAILED_gated.pth'
+    assert str(gated_path) in str(err.value) and gated_path.exists()
+    assert 'conv2' in err.value.groups
+    assert not osp.exists(tmp_path / 'pruned_final.pth')
 
 
 def test_a_crash_mid_write_leaves_no_file(tmp_path, monkeypatch):
@@ -146,7 +166,7 @@ def _train_cirkd(work_dir, importance):
         custom_hooks=[dict(type='CPDPruningHook', target_sparsity=0.2,
                            importance=importance, interval=1, begin_iter=3,
                            end_iter=3, input_shape=(1, 3, 32, 32),
-                           save_pruned=False)],
+                           save_pruned=False, shrink='never')],
         default_hooks=dict(checkpoint=None),
         randomness=dict(seed=0), default_scope='mmseg')
     runner.train()

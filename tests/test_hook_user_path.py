@@ -60,7 +60,7 @@ def test_exclude_keeps_a_layer_whole(tmp_path):
     runner = make_runner(str(tmp_path), 10, exclude=['conv1'])
     runner.train()
     hook = [h for h in runner.hooks if isinstance(h, CPDPruningHook)][0]
-    g = hook.comb.group('conv1')
+    g = hook.base.group('conv1')
     assert hook.kept[g.channels].all()
     assert any('excluded by user: conv1' in r for r in g.reasons)
     assert abs(hook.sparsity() - 0.5) < 0.05  # reached elsewhere

@@ -16,7 +16,7 @@ from mmengine.runner import Runner
 from torch.utils.data import Dataset
 
 import cpd_mm  # noqa: F401
-from cpd_mm.prune import CPDPruningHook, apply_plan
+from cpd_mm.prune import CPDPruningHook, CPDRunner, apply_plan
 
 
 @MODELS.register_module(force=True)
@@ -60,7 +60,8 @@ def make_runner(work_dir, max_iters, resume=False, launcher='none', **hook):
     hook_cfg = dict(type='CPDPruningHook', target_sparsity=0.5, interval=2,
                     begin_iter=2, end_iter=10, input_shape=(1, 3, 8, 8))
     hook_cfg.update(hook)
-    return Runner(
+    runner_type = hook_cfg.pop('runner_type', CPDRunner)
+    return runner_type(
         model=dict(type='HookToyNet'),
         work_dir=work_dir,
         train_dataloader=dict(
@@ -142,6 +143,19 @@ def test_resume_ends_with_same_masks(tmp_path):
     assert kept_of(full)['groups'] == kept_of(part)['groups']
 
 
+def test_resuming_a_shrunk_student_needs_cpd_runner(tmp_path):
+    runner = make_runner(str(tmp_path), 14)
+    runner._hooks.append(InterruptAt(5))  # after shrinks at iters 2 and 4
+    with pytest.raises(Interrupt):
+        runner.train()
+    ckpt = torch.load(osp.join(tmp_path, 'iter_5.pth'), weights_only=False)
+    assert ckpt['cpd_pruning']['physical']
+    assert ckpt['state_dict']['conv1.weight'].shape[0] < 16
+    with pytest.raises(ValueError, match='resume it with CPDRunner'):
+        make_runner(str(tmp_path), 14, resume=True,
+                    runner_type=Runner).train()
+
+
 def test_a_run_shorter_than_the_ramp_is_refused(tmp_path):
     runner = make_runner(str(tmp_path), 6)  # end_iter is 10
     with pytest.raises(ValueError, match='end_iter=10 is after the last'):
@@ -213,9 +227,9 @@ def _ddp_prune(rank, work_dir):
     params = {k: v.detach().clone()
               for k, v in runner.model.module.named_parameters()}
     return dict(kept=hook.kept, sparsity=hook.sparsity(), params=params,
-                frozen=hook.comb.frozen_channels.copy(),
+                frozen=hook.base.frozen_channels.copy(),
                 verified=dict(hook.verified_frozen),
-                conv1=hook.comb.group('conv1').channels)
+                conv1=hook.base.group('conv1').channels)
 
 
 def test_ddp_ranks_mask_the_same_channels(tmp_path):

@@ -9,11 +9,12 @@ from .loading import CPDRunner, apply_checkpoint_plan, checkpoint_plan
 from .plan import (PLAN_META_KEY, PlanMismatchError, apply_plan, load_plan,
                    make_plan, save_plan)
 from .schedule import select_channels
+from .session import PruningSession, TrainingState
 
 __all__ = [
     'ChannelGates', 'CostModel', 'CPDPruningHook', 'CPDRunner',
     'IMPORTANCE_TYPES', 'apply_checkpoint_plan', 'checkpoint_plan',
     'ImportanceAccumulator', 'PLAN_META_KEY', 'PlanMismatchError',
     'apply_plan', 'load_plan', 'make_plan', 'save_plan', 'select_channels',
-    'prune_model'
+    'prune_model', 'PruningSession', 'TrainingState'
 ]

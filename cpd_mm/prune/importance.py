@@ -130,6 +130,7 @@ class ImportanceAccumulator:
         self.iters_t = torch.zeros((), device=dev, dtype=torch.int64)
         self.unscored = np.zeros(n, dtype=bool)
         self._handles = []
+        self._removed = False
         self._probes = 0
         if kind not in ('hessian', 'taylor'):
             return
@@ -289,6 +290,12 @@ class ImportanceAccumulator:
         for h in self._handles:
             h.remove()
         self._handles = []
+        self._removed = True
+
+    @property
+    def needs_loss(self) -> bool:
+        """Scores come from :meth:`probe` of each batch's loss."""
+        return self.kind == 'hessian_fd' and not self._removed
 
     @property
     def active(self) -> bool:

@@ -9,7 +9,11 @@ Two kinds of checkpoints carry a plan:
 * ordinary runner checkpoints of a pruning run (full-size, gated weights;
   the plan is in ``checkpoint['cpd_pruning']['plan']``): the weights are
   loaded, then the model is pruned, which gives the same function as the
-  gated model.
+  gated model;
+* runner checkpoints of a pruning run written after the student was
+  shrunk (``checkpoint['cpd_pruning']['physical']``): the student is pruned
+  to the plan, then its weights are loaded; a distiller's connectors follow
+  the student, its teacher keeps its size when a run resumes.
 
 The model must change shape before mmengine wraps it for distributed
 training (``MMDistributedDataParallel`` keeps the parameters it was given),
@@ -23,18 +27,25 @@ from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 from mmengine.runner.checkpoint import _load_checkpoint, find_latest_checkpoint
 
+from ..comb import comb_model
+from ..comb.surgery import structural_copy
 from .hook import STATE_KEY
 from .plan import PLAN_META_KEY, PlanMismatchError, apply_plan
+from .shrink import source_keep
 
 __all__ = ['CPDRunner', 'apply_checkpoint_plan', 'checkpoint_plan']
 
 
 def checkpoint_plan(checkpoint: dict):
-    """``(plan, kind)`` with kind 'pruned' or 'gated', or ``(None, None)``."""
+    """``(plan, kind)`` with kind 'shrunk', 'pruned' or 'gated', or
+    ``(None, None)``."""
+    state = checkpoint.get(STATE_KEY)
+    if isinstance(state, dict) and state.get('physical') and \
+            state.get('plan', {}).get('groups'):
+        return state['plan'], 'shrunk'
     meta = checkpoint.get('meta') or {}
     if isinstance(meta, dict) and meta.get(PLAN_META_KEY):
         return meta[PLAN_META_KEY], 'pruned'
-    state = checkpoint.get(STATE_KEY)
     if isinstance(state, dict) and state.get('plan', {}).get('groups'):
         return state['plan'], 'gated'
     return None, None
@@ -79,20 +90,28 @@ def apply_checkpoint_plan(model: nn.Module, path: str, checkpoint: dict,
     student = getattr(model, 'student', None)
     target = model if student is None else student
     state = checkpoint.get('state_dict', checkpoint)
-    if kind == 'pruned':
-        apply_plan(target, plan)
-        if load_weights:
-            _load_strict(target, _strip(state), path)
-    else:
+    self_teacher = student is not None and \
+        getattr(model, 'teacher_is_self', False)
+    if kind == 'gated':
         if not load_weights:
             raise ValueError('a gated checkpoint needs its weights loaded '
                              'before the plan is applied')
         _load_strict(target, _strip(state), path)
         apply_plan(target, plan)
-    if student is not None and getattr(model, 'teacher_is_self', False):
-        apply_plan(model.teacher, plan)
+    else:
+        comb = comb_model(target, input_shape=plan['input_shape'],
+                          verify=False)
+        apply_plan(target, plan, comb=comb)
+        follow = getattr(model, 'follow_student_shrink', None)
+        if kind == 'shrunk' and follow is not None and \
+                not (self_teacher and load_weights):
+            # the teacher keeps its size: the distiller follows the student
+            follow(source_keep(comb, comb.kept_from_plan(plan)))
         if load_weights:
-            model.sync_teacher()
+            _load_strict(target, _strip(state), path)
+    if self_teacher and load_weights:
+        apply_plan(model.teacher, plan)
+        model.sync_teacher()
     return plan
 
 
@@ -132,6 +151,7 @@ class CPDRunner(Runner):
         """Build the model; prune it to ``load_from``'s plan, if it has one."""
         model = super().build_model(model)
         self._cpd_plan, self._cpd_loaded = None, False
+        self.cpd_base_student = None  # the original of a shrunk student
         path, resume = self._checkpoint_to_adapt()
         if not path:
             return model
@@ -149,12 +169,15 @@ class CPDRunner(Runner):
             return model
         if resume and kind == 'gated':
             return model  # the pruning hook restores its masks on resume
+        if resume and kind == 'shrunk':  # the hook combs the original
+            self.cpd_base_student = structural_copy(
+                getattr(model, 'student', model))
         try:
             apply_checkpoint_plan(model, path, checkpoint,
                                   load_weights=not resume)
         except PlanMismatchError as e:
             raise PlanMismatchError(f'checkpoint "{path}": {e}') from None
-        self._cpd_plan = plan
+        self._cpd_plan = plan if kind != 'shrunk' else None
         if not resume:  # load_or_resume has nothing left to load
             self._cpd_loaded = self._has_loaded = True
         target = getattr(model, 'student', model)

@@ -6,6 +6,7 @@ stops the run with the groups that differ; nothing is written under the
 pruned file's name, and the gated model (full-size weights, masks in meta)
 goes to ``<name>.FAILED_gated.pth`` so that the run is not lost.
 """
+import contextlib
 import copy
 import os.path as osp
 
@@ -17,7 +18,7 @@ from mmengine.runner.checkpoint import weights_to_cpu
 from ..comb import prune_model
 from ..comb.verify import failing_groups, model_outputs, relative_difference
 from ..utils.checkpoint import save_checkpoint_atomic
-from .plan import PLAN_META_KEY, make_plan
+from .plan import PLAN_META_KEY
 
 GATED_PLAN_KEY = 'cpd_gated_plan'   # masks of a gated (unpruned) checkpoint
 
@@ -42,15 +43,18 @@ def example_input(comb, like: torch.Tensor) -> torch.Tensor:
 def _check(student, comb, gates, kept, tol):
     """``(small, diff, failed)``: the pruned copy (None if surgery raised),
     its largest relative difference to the gated student on the example
-    input, and {group: reason} where the check fails."""
+    input, and {group: reason} where the check fails. ``gates`` may be None
+    where nothing is masked."""
     was_training = student.training
     student.eval()
     x = example_input(comb, next(iter(student.parameters())))
     small, diff, failed = None, None, {}
+    detached = gates.detached() if gates is not None else \
+        contextlib.nullcontext()
     try:
         with torch.no_grad():
             gated = model_outputs(student, x, None)
-        with gates.detached():
+        with detached:
             try:
                 small = prune_model(copy.deepcopy(student), comb, kept)
                 with torch.no_grad():
@@ -83,47 +87,47 @@ def _failure(path, diff, failed, gated_path):
             'around these groups.')
 
 
-def save_pruned(runner, student, comb, gates, kept, filename, meta=None,
-                tol=1e-4):
-    """Prune a copy of the gated ``student`` to ``kept``, check that it
-    computes what the gated model computes on comb's example input, and
-    write it with its plan in ``meta['cpd_plan']``. Returns the path.
+def check_pruned(student, comb, gates, kept, plan, meta, path, log,
+                 tol=1e-4, write=False):
+    """Prune a copy of the gated ``student`` to ``kept`` (over ``comb``'s
+    channels) and check that it computes what the gated model computes on
+    comb's example input; with ``write``, save it to ``path`` with ``plan``
+    in ``meta['cpd_plan']``. Returns the pruned copy on rank 0.
 
     Rank 0 checks and writes (atomically: a crash leaves no file under
-    ``filename``); every rank gets its verdict.
+    ``path``); every rank gets its verdict.
 
     Raises:
         PrunedCheckError: the check failed (on every rank). Nothing is
-            written under ``filename``; the gated student goes to
-            ``<filename stem>.FAILED_gated.pth``.
+            written under ``path``; the gated student goes to
+            ``<path stem>.FAILED_gated.pth``.
     """
-    plan = make_plan(comb, kept, student)
-    path = osp.join(runner.work_dir, filename)
-    meta = dict(meta or {}, iter=runner.iter, cfg=runner.cfg.pretty_text)
-    verdict = [None]
+    meta = dict(meta or {})
+    verdict, small = [None], None
     if is_main_process():
         small, diff, failed = _check(student, comb, gates, kept, tol)
         if failed:
             gated_path = osp.splitext(path)[0] + '.FAILED_gated.pth'
-            with gates.detached():
+            detached = gates.detached() if gates is not None else \
+                contextlib.nullcontext()
+            with detached:
                 state = weights_to_cpu(student.state_dict())
             meta.update({GATED_PLAN_KEY: plan, 'cpd_failed_groups': failed,
                          'max_rel_diff_gated_vs_pruned': diff})
             save_checkpoint_atomic({'state_dict': state, 'meta': meta},
                                    gated_path)
             verdict = [(_failure(path, diff, failed, gated_path), failed)]
-        else:
+        elif write:
             params = int(sum(q.numel() for q in small.parameters()))
             meta.update({PLAN_META_KEY: plan, 'params': params,
                          'max_rel_diff_gated_vs_pruned': diff})
             save_checkpoint_atomic(
                 {'state_dict': weights_to_cpu(small.state_dict()),
                  'meta': meta}, path)
-            runner.logger.info(f'CPD: pruned checkpoint saved to {path} '
-                               f'({params / 1e6:.3f} M params; gated vs '
-                               f'pruned {diff:.1e})')
+            log(f'CPD: pruned checkpoint saved to {path} ({params / 1e6:.3f}'
+                f' M params; gated vs pruned {diff:.1e})')
     if is_distributed():
         broadcast_object_list(verdict, src=0)
     if verdict[0] is not None:
         raise PrunedCheckError(*verdict[0])
-    return path
+    return small

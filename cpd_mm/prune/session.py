@@ -1,0 +1,537 @@
+"""PruningSession: one student pruned during training, runner or not.
+
+The session owns comb, gates, scorer, cost model, selection and shrink.
+Plans, costs and the selection live in the channel space of the original
+student (``base``); gates and scores live on the student as it is now,
+which :mod:`~cpd_mm.prune.shrink` makes smaller at every pruning step
+(``shrink='step'``), once the target is reached (``'end'``) or never.
+:class:`~cpd_mm.prune.CPDPruningHook` drives it from an mmengine runner;
+a plain PyTorch loop drives it like this::
+
+    session = PruningSession(model, target_sparsity=0.5, interval=10,
+                             end_iter=100, input_shape=(1, 3, 32, 32))
+    session.setup()
+    for it, (x, y) in enumerate(loader):
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        session.after_iter(it + 1, TrainingState(optimizers=[optimizer]))
+    pruned = session.student  # smaller, with ``session.plan()``
+"""
+import inspect
+import os.path as osp
+from typing import Callable, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+from mmengine.dist import (all_gather_object, all_reduce,
+                           broadcast_object_list, is_distributed,
+                           is_main_process)
+
+from ..comb import ChannelGates, comb_model, prune_model
+from .cost import METRICS, CostModel
+from .importance import (IMPORTANCE_TYPES, ImportanceAccumulator,
+                         normalise_by_memory)
+from .plan import make_plan
+from .schedule import RANKINGS, select_channels, sparsity_at
+from .shrink import map_channels, shrink_student, source_keep
+from .snapshot import PrunedCheckError, check_pruned, example_input
+
+SHRINK_MODES = ('step', 'end', 'never')
+
+
+def _number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check(ok, name, expected, value):
+    if not ok:
+        raise ValueError(f'`{name}` must be {expected}, but got {value!r}')
+
+
+class TrainingState:
+    """What training holds on the student's parameters, for a shrink.
+
+    Args:
+        optimizers: torch optimizers over the student (their state and
+            param groups follow the new parameters).
+        averaged: averaged copies of ``owner`` (mmengine EMA models).
+        owner: the module holding the student (a distiller, or the student
+            itself); None: the student.
+        rewrap: called after a shrink, to rebuild what holds the old
+            parameters (a DDP wrapper), or None.
+    """
+
+    def __init__(self, optimizers: Sequence = (), averaged: Sequence = (),
+                 owner: Optional[nn.Module] = None,
+                 rewrap: Optional[Callable[[], None]] = None):
+        self.optimizers, self.averaged = list(optimizers), list(averaged)
+        self.owner, self.rewrap = owner, rewrap
+
+
+class PruningSession:
+    """Prune ``student`` with the CPD method while it trains.
+
+    Args are those of :class:`~cpd_mm.prune.CPDPruningHook` (see there),
+    plus ``logger`` (an object with ``info``/``warning``; default: print).
+    """
+
+    def __init__(self, student: nn.Module, target_sparsity: float = 0.5,
+                 target: str = 'params', interval: int = 10,
+                 begin_iter: int = 0, end_iter: Optional[int] = None,
+                 importance: str = 'hessian', ranking: str = 'cost',
+                 memory_norm: Optional[bool] = None,
+                 max_removal: float = 0.8, exclude: Sequence[str] = (),
+                 input_shape: Sequence[int] = (1, 3, 224, 224),
+                 min_channels: int = 1, round_to: int = 1,
+                 shrink: str = 'step', seed: int = 0,
+                 latency_shape: Optional[Sequence[int]] = None,
+                 latency_providers: Optional[Sequence[str]] = None,
+                 latency_threads: int = 1, latency_precision: str = 'fp32',
+                 logger=None):
+        if end_iter is None and isinstance(interval, int) and \
+                isinstance(begin_iter, int):
+            end_iter = begin_iter + 10 * interval
+        _check(_number(target_sparsity) and 0 < target_sparsity < 1,
+               'target_sparsity', 'in (0, 1)', target_sparsity)
+        for name, v, allowed in (
+                ('target', target, METRICS), ('ranking', ranking, RANKINGS),
+                ('importance', importance, IMPORTANCE_TYPES),
+                ('shrink', shrink, SHRINK_MODES),
+                ('latency_precision', latency_precision, ('fp32', 'int8'))):
+            _check(v in allowed, name, f'one of {allowed}', v)
+        _check(_number(max_removal) and 0 < max_removal <= 1, 'max_removal',
+               'in (0, 1]', max_removal)
+        _check(isinstance(interval, int) and interval >= 1, 'interval',
+               'an int >= 1', interval)
+        _check(isinstance(begin_iter, int) and begin_iter >= 0, 'begin_iter',
+               '>= 0', begin_iter)
+        _check(isinstance(end_iter, int) and end_iter >= begin_iter,
+               'end_iter', f'>= begin_iter ({begin_iter})', end_iter)
+        for name, shape in (('input_shape', input_shape),
+                            ('latency_shape', latency_shape or input_shape)):
+            _check(len(shape) >= 3 and all(int(v) >= 1 for v in shape), name,
+                   'like (1, 3, H, W)', shape)
+        for name, v in (('min_channels', min_channels),
+                        ('round_to', round_to),
+                        ('latency_threads', latency_threads)):
+            _check(isinstance(v, int) and v >= 1, name, 'an int >= 1', v)
+        self.student = student
+        self.target_sparsity, self.target = float(target_sparsity), target
+        self.interval, self.begin_iter, self.end_iter = \
+            interval, begin_iter, end_iter
+        self.importance, self.ranking, self.shrink = importance, ranking, \
+            shrink
+        self.memory_norm = (ranking == 'score') if memory_norm is None \
+            else bool(memory_norm)
+        self.max_removal = float(max_removal)
+        self.exclude = list(exclude)
+        self.input_shape = [int(s) for s in input_shape]
+        self.min_channels, self.round_to = min_channels, round_to
+        self.seed = seed
+        self.latency = dict(shape=list(latency_shape or input_shape),
+                            providers=latency_providers,
+                            threads=latency_threads,
+                            precision=latency_precision)
+        self.log = logger
+        self.steps, self._last_iter, self.base = 0, 0, None
+        self.gates = self.scorer = None
+        self.work_dir = '.'  # where a failed shrink check leaves its file
+
+    @classmethod
+    def options(cls) -> List[str]:
+        """Names of the pruning options (the hook's arguments)."""
+        return [p for p in inspect.signature(cls).parameters
+                if p not in ('student', 'logger')]
+
+    def _info(self, msg):
+        (self.log.info if self.log is not None else print)(msg)
+
+    def _warn(self, msg):
+        (self.log.warning if self.log is not None else print)(msg)
+
+    # ---------------------------------------------------------- set-up
+    def setup(self, state: Optional[dict] = None,
+              base: Optional[nn.Module] = None) -> None:
+        """Comb (and verify) the student, measure the latency table, build
+        cost model, gates and scorer; restore ``state`` (a resumed run:
+        ``base`` is the original student when the checkpoint's student was
+        shrunk, see :class:`~cpd_mm.prune.CPDRunner`)."""
+        physical = bool(state and state.get('physical'))
+        if physical and base is None:
+            raise ValueError(
+                'CPD: the checkpoint holds a student that was physically '
+                'shrunk during the run; resume it with CPDRunner '
+                "(runner_type='CPDRunner', as tools/train.py does), which "
+                'rebuilds the smaller student before the DDP wrap')
+        original = base if physical else self.student
+        self.base = comb_model(original, input_shape=self.input_shape,
+                               exclude=self.exclude, verify=state is None,
+                               logger=self._info)
+        self._sync_verification(state)
+        table = self._latency_table(original) \
+            if self.target == 'latency' else None
+        self.cost = CostModel(original, self.base, table)
+        self.kept = np.ones(self.base.num_channels, dtype=bool)
+        self.saved, self.physical = [], False
+        if state is not None:
+            self._restore(state)
+        self.physical = physical
+        self._attach(probes=int((state or {}).get('scorer', {}).get(
+            'probes', 0)))
+        if state is not None and state.get('scorer'):
+            self.scorer.load_state_dict(self._scorer_state(state['scorer']))
+        self._set_kept(self.kept)
+        self._report()
+        self._check_reachable()
+
+    def _attach(self, probes=0):
+        """Comb of the student as it is now, its map to ``base``, gates
+        and scorer on it."""
+        if self.gates is not None:
+            self.gates.remove()
+        if self.scorer is not None:
+            self.scorer.remove()
+        if self.physical:
+            self.comb = comb_model(self.student, input_shape=self.input_shape,
+                                   verify=False)
+            self.to_base = map_channels(self.base, self.kept, self.comb)
+        else:
+            self.comb, self.to_base = self.base, np.arange(
+                self.base.num_channels)
+        # gates are needed where channels are masked but present, and for
+        # the finite-difference probe
+        if self.shrink != 'step' or self.importance == 'hessian_fd':
+            self.gates = ChannelGates(self.student, self.comb)
+        else:
+            self.gates = None
+        self.scorer = ImportanceAccumulator(
+            self.student, self.comb, self.importance, self.seed,
+            reduce=(lambda t: all_reduce(t, op='sum'))
+            if is_distributed() else None)
+        self.scorer._probes = probes
+        self.scorer.find_unscored(self.student, example_input(
+            self.comb, next(iter(self.student.parameters()))))
+        self._scoring = True
+
+    def _report(self):
+        n = len(self.base.prunable_groups)
+        self._info(
+            f'CPD: combed {type(self.student).__name__}: '
+            f'{len(self.base.groups)} channel groups ({n} prunable), '
+            f'{self.base.num_channels} channels, '
+            f'{int(self.base.frozen_channels.sum())} frozen; '
+            f'{self.cost.total_params / 1e6:.3f} M params, target sparsity '
+            f'{self.target_sparsity:.0%} of {self.target}; shrink='
+            f'{self.shrink!r}')
+        if self.base.verification is not None:
+            self._info(f'CPD: verification: {self.base.verification}')
+        for g in self.base.groups:
+            if g.frozen.any() and g.size > 1:
+                self._info(f'CPD: group {g.name} ({g.size} channels): '
+                           f'{int(g.frozen.sum())} frozen: '
+                           + '; '.join(g.reasons))
+        if self.base.unhandled_ops:
+            self._warn('CPD: aten ops without a channel rule (their '
+                       'channels are frozen): ' + ', '.join(
+                           f'{k} x{v}' for k, v in
+                           sorted(self.base.unhandled_ops.items())))
+        if n == 0:
+            raise RuntimeError(
+                'CPD: no prunable channel group was found (every group is '
+                'frozen, see the reasons above); run tools/check_pruning.py '
+                'on this config')
+        names = [g.name for g in self.base.prunable_groups
+                 if self.unscored[g.channels].any()]
+        if names:
+            self._warn(
+                f'CPD: {len(names)} group(s) are not pruned: their layers\' '
+                'outputs do not require grad (frozen parameters, e.g. '
+                'frozen_stages), so no gate gradient exists: '
+                + ', '.join(names[:8]) + (' ...' if len(names) > 8 else ''))
+
+    @property
+    def unscored(self) -> np.ndarray:
+        """Base channels no gradient scores (layers that do not train),
+        the same on every rank; they are never removed."""
+        out = np.zeros(self.base.num_channels, dtype=bool)
+        out[self.to_base[self.scorer.unscored]] = True
+        out[self.to_base[self.comb.frozen_channels]] = True
+        if is_distributed():  # (a layer only one rank saw not training)
+            t = torch.as_tensor(out.astype(np.float32))
+            all_reduce(t, op='sum')
+            out = t.numpy() > 0
+        return out
+
+    def _check_reachable(self):
+        """Refuse, before training, a target that the floors forbid: the
+        selection itself, run to an empty budget, gives the smallest
+        structure that the floors, frozen groups and unscored channels
+        leave (for 'latency': as the table predicts)."""
+        total = self.cost.total(self.target)
+        smallest = select_channels(
+            np.zeros(self.base.num_channels), self.kept, self.base,
+            self.cost, 0.0, self.target, self.min_channels, self.round_to,
+            protected=self.unscored, max_removal=self.max_removal,
+            ranking='score')
+        reachable = 1.0 - self.cost.evaluate(smallest, self.target) / total
+        self._info(f'CPD: the floors allow a sparsity of {reachable:.3f} of '
+                   f'{self.target} at most')
+        if reachable < self.target_sparsity - 1e-3:
+            what = ('the latency table (measured on '
+                    f'{self.cost.table.provider} at {self.latency["shape"]}) '
+                    'predicts that the smallest structure keeps '
+                    if self.target == 'latency' else
+                    'the smallest structure keeps ')
+            raise ValueError(
+                f'CPDPruningHook: target_sparsity={self.target_sparsity} of '
+                f'{self.target} cannot be reached: with max_removal='
+                f'{self.max_removal}, min_channels={self.min_channels}, '
+                f'round_to={self.round_to}, the frozen groups and '
+                f'{int(self.unscored.sum())} channel(s) of layers that do '
+                'not train, ' + what +
+                f'{1 - reachable:.1%} of it (sparsity {reachable:.3f} at '
+                'most). Lower target_sparsity, raise max_removal, or lower '
+                'round_to' + ('; a latency measured at a small latency_shape'
+                              ' is mostly fixed overhead: use the deployment '
+                              'input size' if self.target == 'latency'
+                              else '') + '.')
+
+    def _latency_table(self, student):
+        """Rank 0 measures (or loads from its cache) the latency table of
+        the bare student, before gates change its graph; every rank gets
+        rank 0's."""
+        from ..deploy.latency_table import LatencyTable
+        lat, data = self.latency, [None]
+        if is_main_process():
+            table = LatencyTable.build(
+                student, lat['shape'], providers=lat['providers'],
+                threads=lat['threads'], logger=self.log,
+                precision=lat['precision'])
+            data = [table.data]
+            if self.round_to % max(table.channel_block, 1):
+                self._warn(
+                    f'CPD: round_to={self.round_to} is not a multiple of '
+                    f'{table.channel_block}, the channel block of '
+                    f'{table.provider} on this CPU: widths off that block '
+                    'run slower than the latency table predicts')
+        if is_distributed():
+            broadcast_object_list(data, src=0)
+        table = LatencyTable(data[0])
+        self._info(f'CPD: latency table: {table.full_ms:.2f} ms measured on '
+                   f'{table.provider} at {lat["shape"]} in '
+                   f'{table.precision.upper()}')
+        return table
+
+    def _sync_verification(self, state):
+        """Every rank freezes the union of what each rank's verification
+        (or the resumed run's) froze: a group that failed its check
+        anywhere is not trusted anywhere."""
+        frozen = frozen_here = dict(state.get('verified_frozen', {})) \
+            if state else dict(self.base.verification.frozen)
+        if is_distributed():  # the same dict, in rank order, everywhere
+            frozen = {}
+            for rank, found in enumerate(all_gather_object(frozen_here)):
+                for name, reason in found.items():
+                    frozen.setdefault(name, reason if rank == 0 else
+                                      f'{reason} (on rank {rank})')
+        for name, reason in frozen.items():
+            self.base.freeze_group(self.base.group(name), reason)
+        self.verified_frozen = frozen
+
+    # ---------------------------------------------------------- metrics
+    def _set_kept(self, kept):
+        self.kept = kept
+        if self.gates is not None:
+            self.gates.set_kept(kept[self.to_base])
+        self._params, self._flops = self.cost.measure(kept)
+        self._value = self.cost.evaluate(kept, self.target)
+
+    def sparsity(self) -> float:
+        """Sparsity of the deployed structure in the target's metric."""
+        return 1.0 - self._value / self.cost.total(self.target)
+
+    @property
+    def finished(self) -> bool:
+        """The ramp is over and the target reached: no more pruning."""
+        return self._last_iter >= self.end_iter and \
+            self.sparsity() >= self.target_sparsity - 1e-9
+
+    def metrics(self) -> dict:
+        """Scalars to log every iteration (host values, no device sync)."""
+        out = dict(cpd_sparsity=self.sparsity(),
+                   cpd_params_M=self._params / 1e6,
+                   cpd_flops_ratio=self._flops / self.cost.total_flops,
+                   cpd_active_channels=int(self.kept.sum()))
+        if self.target == 'latency':
+            out['cpd_latency_ms'] = self._value
+        return out
+
+    # ---------------------------------------------------------- training
+    @property
+    def needs_loss(self) -> bool:
+        """:meth:`before_iter` needs the batch's loss (finite-difference
+        probes)."""
+        return self._scoring and self.scorer.needs_loss
+
+    def before_iter(self, loss_fn: Callable[[], torch.Tensor],
+                    module: Optional[nn.Module] = None) -> None:
+        """Probe the loss of the coming batch (``importance='hessian_fd'``;
+        ``module``: the one whose buffers its forward writes)."""
+        if self.needs_loss:
+            self.scorer.probe(self.gates, loss_fn, module=module)
+
+    def after_iter(self, cur: int, training: Optional[TrainingState] = None,
+                   inv_scale=None) -> bool:
+        """Close iteration ``cur`` (1-based): fold its scores; prune (and
+        shrink) when a step is due. Returns whether the masks changed."""
+        if self._scoring:
+            self.scorer.step(inv_scale)
+        self._last_iter = cur
+        changed = False
+        if cur >= self.begin_iter and \
+                (cur - self.begin_iter) % self.interval == 0 and \
+                self.sparsity() < self.target_sparsity - 1e-9:
+            changed = self._prune_step(cur, training or TrainingState())
+        if self._scoring and self.finished:
+            self._scoring = False
+            if self.shrink == 'end' and not self.physical:
+                self._shrink(training or TrainingState(), cur)
+            self.scorer.remove()  # no scoring cost for the rest of the run
+            if self.physical and self.gates is not None:
+                self.gates.remove()
+                self.gates = None
+            self._info(f'CPD: target reached at iter {cur}; importance '
+                       'hooks removed' + (' and the student is pruned'
+                                          if self.physical else ''))
+        return changed
+
+    def _prune_step(self, cur, training):
+        goal = sparsity_at(cur, self.begin_iter, self.end_iter,
+                           self.target_sparsity)
+        if goal <= self.sparsity():
+            return False
+        scores = np.zeros(self.base.num_channels)
+        scores[self.to_base] = self.scorer.current(self.steps)
+        if self.memory_norm:
+            scores = normalise_by_memory(scores, self.base, self.kept)
+        total = self.cost.total(self.target)
+        self._set_kept(select_channels(
+            scores, self.kept, self.base, self.cost, (1 - goal) * total,
+            self.target, self.min_channels, self.round_to,
+            protected=self.unscored, max_removal=self.max_removal,
+            ranking=self.ranking))
+        self.scorer.reset()
+        self.steps += 1
+        self._info(
+            f'CPD step {self.steps} at iter {cur}: sparsity '
+            f'{self.sparsity():.3f} (goal {goal:.3f}), params '
+            f'{self._params / 1e6:.3f} M, active channels '
+            f'{int(self.kept.sum())}/{self.base.num_channels}')
+        if self.shrink == 'step':
+            self._shrink(training, cur)
+        return True
+
+    def _shrink(self, training, cur):
+        """Remove the masked channels from the student in place, once the
+        pruned copy is checked to compute what the gated student does."""
+        kept_now = self.kept[self.to_base]
+        if kept_now.all():
+            return
+        gates = self.gates or ChannelGates(self.student, self.comb)
+        gates.set_kept(kept_now)
+        try:
+            check_pruned(self.student, self.comb, gates, kept_now,
+                         self.plan(), dict(iter=cur), osp.join(
+                             self.work_dir, f'shrunk_iter_{cur}.pth'),
+                         self._info)
+        finally:
+            gates.remove()
+        self.gates = None
+        owner = training.owner or self.student
+        prefix = next(n for n, m in owner.named_modules()
+                      if m is self.student)
+        comb, kept = self.comb, kept_now
+        base_keep = source_keep(self.base, self.kept)
+
+        def surgery(model):
+            prune_model(model.get_submodule(prefix) if prefix else model,
+                        comb, kept)
+            if hasattr(model, 'follow_student_shrink'):
+                model.follow_student_shrink(base_keep)
+        shrink_student(owner, surgery, prefix + '.' if prefix else '',
+                       training.optimizers, training.averaged, self._info)
+        if training.rewrap is not None:
+            training.rewrap()
+        self.physical = True
+        self._attach(self.scorer._probes)
+        n = sum(p.numel() for p in self.student.parameters())
+        self._info(f'CPD: student shrunk at iter {cur}: {n / 1e6:.3f} M '
+                   'params')
+
+    # ---------------------------------------------------------- results
+    def plan(self) -> dict:
+        """The plan of the current masks over the original student."""
+        plan = make_plan(self.base, self.kept)
+        plan['model'] = type(self.student).__name__
+        return plan
+
+    def save_pruned(self, path: str, meta: Optional[dict] = None) -> str:
+        """Write the physically pruned student to ``path`` (its plan in
+        ``meta['cpd_plan']``), once checked against the gated one (see
+        :func:`~cpd_mm.prune.snapshot.check_pruned`)."""
+        kept_now = self.kept[self.to_base]
+        meta = dict(meta or {}, sparsity=self.sparsity(), target=self.target)
+        check_pruned(self.student, self.comb, self.gates, kept_now,
+                     self.plan(), meta, path, self._info, write=True)
+        return path
+
+    def state_dict(self) -> dict:
+        """Masks, scores (over the original channels) and step count."""
+        sc = self.scorer.state_dict()
+        if sc.get('scores'):
+            full = np.zeros(self.base.num_channels)
+            full[self.to_base] = sc['scores']
+            sc['scores'] = full.tolist()
+        sc['unscored'] = [int(i) for i in
+                          self.to_base[np.asarray(sc['unscored'], np.int64)]]
+        return dict(
+            removed=[int(i) for i in np.nonzero(~self.kept)[0]],
+            num_channels=int(self.base.num_channels), steps=int(self.steps),
+            saved=[float(s) for s in self.saved], scorer=sc,
+            verified_frozen=dict(self.verified_frozen),
+            physical=bool(self.physical), plan=self.plan())
+
+    def _scorer_state(self, sc):
+        """A checkpointed scorer state (over the original channels) for
+        the scorer of the student as it is now."""
+        sc = dict(sc)
+        if sc.get('scores'):
+            sc['scores'] = np.asarray(sc['scores'])[self.to_base].tolist()
+        where = np.full(self.base.num_channels, -1)
+        where[self.to_base] = np.arange(self.to_base.size)
+        un = where[np.asarray(sc.get('unscored', []), np.int64)]
+        sc['unscored'] = [int(i) for i in un[un >= 0]]
+        return sc
+
+    def _restore(self, state):
+        if state['num_channels'] != self.base.num_channels:
+            raise ValueError(
+                f'CPD: the checkpoint was pruned on a model with '
+                f'{state["num_channels"]} channels, this one has '
+                f'{self.base.num_channels}')
+        kept = np.ones(self.base.num_channels, dtype=bool)
+        kept[np.asarray(state['removed'], dtype=np.int64)] = False
+        if (~kept & self.base.frozen_channels).any():
+            raise ValueError('CPD: the checkpoint removed channels that this '
+                             'model freezes; was it made with another '
+                             'version of cpd_mm or another exclude list?')
+        self.kept = kept
+        self.steps = int(state['steps'])
+        self.saved = list(state.get('saved', []))
+
+
+__all__ = ['PruningSession', 'TrainingState', 'PrunedCheckError',
+           'SHRINK_MODES']
