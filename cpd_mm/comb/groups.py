@@ -8,12 +8,12 @@ the consumers reading it, channel-wise layers (norms, depthwise convs) and
 passengers (parameters indexed by the same channels).
 """
 from collections import OrderedDict, defaultdict
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
 from .handlers import op_handlers
-from .space import UnionFind
+from .space import UnionFind, along, channel_axis
 
 
 class ChannelGroup:
@@ -90,6 +90,7 @@ class CombResult:
         self.passengers = tracer.passengers
         self.producers = tracer.producers
         self.channelwise = tracer.channelwise
+        self._io = dict(tracer.io)  # see io_channels()
         self.uncalled: List[str] = []
         # a pass through the model starts with this module (called once per
         # pass in the trace): gates count module calls from there
@@ -116,6 +117,41 @@ class CombResult:
             c = self.channels(atoms)
             return np.where(c >= 0, kept[np.maximum(c, 0)], True)
         return keep
+
+    def io_channels(self, path: str, kind: str
+                    ) -> List[List[Optional[Tuple[int, np.ndarray]]]]:
+        """Channels of the tensors module ``path`` took or returned.
+
+        Args:
+            path: a module name (``''`` is the model itself).
+            kind: ``'output'`` (the module's output: a tensor, or each
+                element of a tuple/list) or ``'input'`` (its first positional
+                argument, likewise).
+
+        Returns:
+            One list per call of the module in the trace (call order), one
+            entry per tensor: ``(axis, channel_ids)``, the tensor's channel
+            axis as the tracer knows it (:func:`~cpd_mm.comb.space.
+            channel_axis`: dim 1 of an NCHW map, the last dim of (N, L, C)
+            tokens) and the global channel id of every position along it
+            (-1 where a position has no channel); or None where the tensor
+            carries no channel. A module never called gives ``[]``.
+        """
+        if kind not in ('input', 'output'):
+            raise ValueError(f"io_channels: kind must be 'input' or "
+                             f"'output', but got {kind!r}")
+        return [[None if e is None else self._axis_channels(*e) for e in call]
+                for call in self._io.get((path, kind), [])]
+
+    def _axis_channels(self, ids, shape):
+        if not shape:
+            return None
+        axis = channel_axis(ids)
+        if axis is None:
+            # one channel throughout: any axis of size 1 indexes it alike
+            ones = [a for a in range(1, len(shape)) if shape[a] == 1]
+            axis = ones[0] if ones else len(shape) - 1
+        return axis, self.channels(along(ids, axis, shape[axis]))
 
     # ------------------------------------------------------------ building
     def _build(self, tracer):

@@ -25,7 +25,8 @@ from .handlers import handler_for, op_handler_for, op_handlers
 from .records import (Channelwise, Frozen, GateSite, Passenger, Producer,
                       SplitSizes, ViewSize)
 from .rules import NO_CHANNEL_OPS, RULES, STOP_OPS
-from .space import TensorInfo, UnionFind, along, channel_axis, empty_ids
+from .space import (TensorInfo, UnionFind, along, channel_axis, collapse,
+                    empty_ids)
 
 
 class CombTracer(TorchDispatchMode):
@@ -59,6 +60,9 @@ class CombTracer(TorchDispatchMode):
         self._site_of: Dict[int, int] = {}   # id(gated tensor) -> site
         self._op_counts = defaultdict(int)   # (key, module, call) -> ops
         self.calls = defaultdict(int)
+        # (module, 'input' | 'output') -> per call, per tensor: (ids, shape)
+        # or None (see CombResult.io_channels)
+        self.io = defaultdict(list)
         self.first_module = None        # the first submodule called
         # parameters of modules traced as one unit: used by other ops too,
         # their channels cannot be sliced by the handler alone
@@ -157,6 +161,24 @@ class CombTracer(TorchDispatchMode):
         self._op_counts[k] += 1
         return self._op_counts[k] - 1
 
+    def record_io(self, name, kind, value, traced=True):
+        """Channel atoms of a module's first positional input or output:
+        a tensor, or each element of a tuple/list (None where an element is
+        not a tensor with channels, or the call ran inside an opaque
+        module, where nothing is traced)."""
+        if isinstance(value, torch.Tensor):
+            value = [value]
+        elif not isinstance(value, (tuple, list)):
+            value = []
+        entries = []
+        for t in value:
+            info = self.info(t) if traced and \
+                isinstance(t, torch.Tensor) else None
+            # the ids array is the tracer's own (a reference, collapsed)
+            entries.append((collapse(info.ids), tuple(t.shape))
+                           if info is not None and info.has_ids else None)
+        self.io[(name, kind)].append(entries)
+
     def record_view(self, out, ids):
         ch = channel_axis(ids)
         if ch is not None and self.stack:
@@ -253,6 +275,8 @@ class CombTracer(TorchDispatchMode):
             self.calls[name] += 1
             if self.first_module is None and name:
                 self.first_module = name
+            self.record_io(name, 'input', args[0] if args else None,
+                           traced=not self.suppress)
             if self.suppress:
                 self._frames.append('inside')
                 return
@@ -273,6 +297,7 @@ class CombTracer(TorchDispatchMode):
             frame = self._frames.pop()
             self.stack.pop()
             if frame == 'inside':
+                self.record_io(name, 'output', out, traced=False)
                 return
             o = out[0] if isinstance(out, (tuple, list)) and out else out
             if frame == 'opaque':
@@ -290,6 +315,7 @@ class CombTracer(TorchDispatchMode):
                 finally:
                     self.stack.pop()
                 self.set_info(o, info)
+            self.record_io(name, 'output', out)
             if leaf and isinstance(out, torch.Tensor):
                 info = self.info(out)
                 # a gate is only needed where removed channels are not
