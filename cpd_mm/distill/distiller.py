@@ -13,6 +13,7 @@ from mmengine.utils import import_modules_from_strings
 
 from .checkpoint import STUDENT, student_state_dict
 from .presets import build_distill_cfg
+from .shrink import BaseKeep, ShrunkSource, follow_item
 from .sources import (codebase_of, fetch, head_path, record, resolve_source,
                       source_channels)
 
@@ -136,6 +137,8 @@ class CPDDistiller(BaseModel):
           a student ``init_cfg=dict(type='Pretrained', ...)`` also sets the
           teacher. An external teacher is never re-initialised.
         - With ``distill='none'`` no teacher is built or run.
+        - When pruning removes student channels physically mid-run, call
+          :meth:`follow_student_shrink` (docs/distill_shrink.md).
     """
 
     def __init__(self,
@@ -178,6 +181,9 @@ class CPDDistiller(BaseModel):
 
         self.distill_losses = nn.ModuleList()
         self.distill_specs: List[dict] = []
+        # item index -> channels left in its student source (plain data,
+        # outside the state dict: see follow_student_shrink)
+        self._shrunk: Dict[int, ShrunkSource] = {}
         for index, item in enumerate(items):
             self._add_item(index, item)
         # a plain student checkpoint must land on student.* (and teacher.*)
@@ -243,10 +249,14 @@ class CPDDistiller(BaseModel):
                                      [s['teacher'] for s in specs]) as t_out:
             self.teacher(inputs, data_samples, mode='tensor')
         labels = self._label_map(data_samples, inputs.device)
-        for spec, loss_fn in zip(specs, self.distill_losses):
+        for index, (spec, loss_fn) in enumerate(zip(specs,
+                                                    self.distill_losses)):
             preds_S = fetch(s_out, self.student, spec['student'], 'student')
             preds_T = fetch(t_out, self.teacher, spec['teacher'], 'teacher')
+            shrunk = self._shrunk.get(index)
             try:
+                if shrunk is not None and not shrunk.connector:
+                    preds_T = shrunk.select_teacher(preds_S, preds_T)
                 out = _apply_loss(loss_fn, preds_S, preds_T, labels)
             except ValueError as err:
                 raise ValueError(
@@ -259,6 +269,63 @@ class CPDDistiller(BaseModel):
             else:
                 losses[f"loss_kd_{spec['name']}"] = out
         return losses
+
+    def follow_student_shrink(self, base_keep: BaseKeep) -> None:
+        """Adapt the distillation to a student whose channels were removed.
+
+        Call it right after the student was physically shrunk (and, on
+        resume, on the freshly built distiller once its student is pruned to
+        the plan, before the checkpoint's weights are loaded). The distiller
+        must have been built on the unpruned student (so a ``'self'``
+        teacher and the loss widths are the original ones).
+
+        Args:
+            base_keep: ``base_keep(path, kind)`` for a module path and kind
+                (``'output'`` / ``'input'``, as :func:`~cpd_mm.distill.
+                sources.resolve_source` gives them) returns, per call of the
+                module and per tensor (one tensor, or the tensors of a tuple
+                output), a bool mask over that tensor's channels *in the
+                original student* (True: still present), or None where
+                nothing was removed. Masks are absolute, so calling again
+                with the same masks changes nothing and later calls may only
+                remove more. :func:`~cpd_mm.distill.shrink.
+                base_keep_from_comb` builds it from a comb and a keep mask.
+
+        For every item whose student source lost channels:
+
+        - a loss with ``shrink_student_channels(keep)`` (a connector from
+          the student's width: :class:`CIRKDLoss`'s projection head) gets
+          the keep mask relative to its current input width and slices its
+          connector alike (its value is unchanged: removed channels were
+          zero in the gated student); the teacher is untouched;
+        - any other loss compares channel c of the student with channel c
+          of the teacher: from now on the teacher's source is indexed by the
+          kept positions along the channel axis before the loss, which is
+          the gated student's loss recomputed on the kept channels only
+          (normalisers over channels count the kept ones: CWD divides by
+          N·C' instead of N·C, a softmax over channels runs over the kept
+          ones; see :mod:`cpd_mm.distill.shrink`).
+
+        The state kept here is plain data outside the ``state_dict``; a
+        distiller that is never told of a shrink works as before.
+
+        Raises:
+            ValueError: a mask removes channels of the ``'logits'`` source
+                (model outputs are never pruned), brings back channels that
+                were removed, or a connector loss's levels lost different
+                channels.
+        """
+        # check every item first: a bad mask leaves the distiller as it was
+        found = [follow_item(self.student, spec, loss_fn, base_keep,
+                             self._shrunk.get(index))
+                 for index, (spec, loss_fn) in enumerate(
+                     zip(self.distill_specs, self.distill_losses))]
+        for index, (shrunk, connector_keep) in enumerate(found):
+            if connector_keep is not None:
+                self.distill_losses[index].shrink_student_channels(
+                    connector_keep)
+            if shrunk is not None:
+                self._shrunk[index] = shrunk
 
     @staticmethod
     def _label_map(data_samples, device) -> Optional[torch.Tensor]:

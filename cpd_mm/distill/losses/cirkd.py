@@ -20,6 +20,7 @@ and losses/cirkd_*.py); deviations are listed in :class:`CIRKDLoss`.
 """
 from typing import Dict, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -98,6 +99,11 @@ class CIRKDLoss(nn.Module):
           compares pixel-by-pixel similarity matrices, which do not depend
           on the width, so it uses the raw student embeddings. The head is
           trained with the student but is not part of it.
+        - When pruning removes student channels physically,
+          :meth:`shrink_student_channels` slices the head's input alike
+          (the distiller calls it): the mini-batch term is width-independent
+          and the head's columns of removed channels only ever multiplied
+          zeros, so all three terms keep their values.
         - Memories are buffers (``pixel_queue`` (K, P, D),
           ``region_queue`` (K, R, D), their ring pointers ``*_ptr`` (K,),
           and ``num_updates``), so checkpoints keep them. They start as
@@ -190,6 +196,38 @@ class CIRKDLoss(nn.Module):
         self.register_buffer('region_queue_ptr',
                              torch.zeros(num_classes, dtype=torch.long))
         self.register_buffer('num_updates', torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def shrink_student_channels(self, keep: np.ndarray) -> None:
+        """Follow a student whose embeddings lost channels.
+
+        Args:
+            keep (np.ndarray): bool per channel of the *current* student
+                embeddings (``student_channels`` entries), True for those
+                still present.
+
+        The projection head's first conv keeps the input columns of the
+        kept channels; its weight is a new ``nn.Parameter`` (same
+        ``requires_grad``, its ``grad`` sliced alike), so optimizer state can
+        be remapped from the old one. ``student_channels`` becomes the kept
+        number.
+        """
+        keep = np.asarray(keep, dtype=bool)
+        if keep.shape != (self.student_channels, ) or not keep.any():
+            raise ValueError(
+                'CIRKDLoss.shrink_student_channels: `keep` must be a bool '
+                f'mask of {self.student_channels} entries (the current '
+                f'student_channels) keeping at least one, but got shape '
+                f'{keep.shape} with {int(keep.sum())} kept')
+        conv = self.project_head[0]
+        old = conv.weight
+        index = torch.as_tensor(np.flatnonzero(keep), device=old.device)
+        new = nn.Parameter(old.index_select(1, index),
+                           requires_grad=old.requires_grad)
+        if old.grad is not None:
+            new.grad = old.grad.index_select(1, index)
+        conv.weight = new
+        conv.in_channels = self.student_channels = int(keep.sum())
 
     def _generator(self) -> torch.Generator:
         # a function of the step only, so all ranks draw the same numbers

@@ -23,6 +23,14 @@ class ChannelWiseDivergence(nn.Module):
     If the maps differ in H, W the student map is bilinearly resized to the
     teacher's size; channel numbers must agree.
 
+    After pruning removes student channels physically, the distiller gives
+    the teacher's map restricted to the kept channels (see
+    :meth:`CPDDistiller.follow_student_shrink`): the sum runs over the
+    N·C' kept channels and is divided by N·C'. The gated student's loss
+    divided by N·C and also counted the removed channels (a constant zero
+    map against the teacher's, independent of the student), so the shrunk
+    loss is the gated one recomputed on the kept channels only.
+
     Args:
         tau (float): temperature. Defaults to 1.0.
         loss_weight (float): weight of the loss. Defaults to 1.0 (mmrazor's

@@ -18,6 +18,13 @@ class KLDivergence(nn.Module):
     ``tau ** 2`` so that gradient magnitudes do not shrink with the
     temperature (Hinton et al.), then by ``loss_weight``.
 
+    On features whose channels pruning removes, the distiller restricts
+    the teacher to the kept channels (see
+    :meth:`CPDDistiller.follow_student_shrink`): the softmax runs over the
+    kept channels only, i.e. the gated student's loss recomputed on the
+    kept channels (the gated softmax also counted each removed channel as
+    a logit 0). Logits are never pruned.
+
     Resizing: if student and teacher maps differ in H, W the student logits
     are bilinearly resized to the teacher's size; a label map given for
     ``ignore_index`` is nearest-resized to the logits' size (logits of
