@@ -58,18 +58,32 @@ def fan_in_gain(weight: torch.Tensor):
     drawn one), or None where the weight is not generic: not finite, a gain
     below 0.01 (zero or faint), an output row or an input column constant
     (a zero-initialised head, a constant averaging kernel, an input channel
-    it ignores). A few reads of the tensor: far cheaper than drawing it."""
+    it ignores). One read of the tensor: far cheaper than drawing it."""
     w = weight.detach().flatten(1)
     if w.dtype not in (torch.float32, torch.float64):
         w = w.float()
     flat = w.reshape(-1)
     sumsq = float(torch.dot(flat, flat))  # inf or NaN if any entry is
     gain = math.sqrt(sumsq / w.shape[0]) if math.isfinite(sumsq) else 0.0
-    if gain < 0.01 or bool((w.amax(1) == w.amin(1)).any()):
+    if gain < 0.01 or _has_constant_line(w, 1):
         return None
-    if w.shape[0] > 1 and bool((w.amax(0) == w.amin(0)).any()):
+    if w.shape[0] > 1 and _has_constant_line(w, 0):
         return None
     return gain
+
+
+def _has_constant_line(w: torch.Tensor, dim: int) -> bool:
+    """Whether a line of the matrix ``w`` along ``dim`` (rows: 1, columns:
+    0) has one value throughout. Exact, at the cost of two lines for a
+    generic weight: a constant line has equal first and second entries, so
+    only the lines where those match are read in full."""
+    if w.shape[dim] < 2:
+        return True
+    same = (w.select(dim, 0) == w.select(dim, 1)).nonzero().flatten()
+    if not same.numel():
+        return False
+    lines = w.index_select(1 - dim, same)
+    return bool((lines.amax(dim) == lines.amin(dim)).any())
 
 
 def generic_value(module: nn.Module, name: str, tensor: torch.Tensor,
@@ -166,9 +180,18 @@ def generic_copy(model: nn.Module, seed: int = 0,
     check (no silent branch, no symmetric channels) at a fraction of the
     cost, which comb's verification needs (drawing every weight of a
     ResNet-50 costs about as much as a forward)."""
+    return _redraw(structural_twin(model), seed, replace=True,
+                   redraw_weights=redraw_weights)
+
+
+def structural_twin(model: nn.Module) -> nn.Module:
+    """:func:`~cpd_mm.comb.surgery.structural_copy` of ``model`` whose
+    modules hold their hooks in dicts of their own: hooks added to the twin
+    stay on the twin, and hooks added to ``model`` afterwards (gates) do not
+    reach the twin or the structural copies taken from it."""
     other = structural_copy(model)
-    for m in other.modules():  # hooks added to the copy stay on the copy
+    for m in other.modules():
         for k, v in list(vars(m).items()):
             if 'hook' in k and isinstance(v, dict):
                 m.__dict__[k] = type(v)(v)
-    return _redraw(other, seed, replace=True, redraw_weights=redraw_weights)
+    return other

@@ -34,10 +34,10 @@ What the checks run on:
 
 A difference above the tolerance in the model's own precision is checked
 again in float64 before it counts, so float32 rounding in deep random
-networks does not freeze a correct group.
+networks does not freeze a correct group. One check (one plan, gated vs
+pruned) is :class:`~cpd_mm.comb.plan_check.PlanChecker`; its gates stay on
+the checked model for the whole verification.
 """
-import contextlib
-import copy
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
@@ -45,13 +45,13 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.utils._pytree import tree_flatten
 
-from .forward import default_forward
-from .gates import ChannelGates
 from .generic import generic_copy
 from .groups import CombResult
-from .surgery import prune_model, structural_copy
+# the check of one plan; re-exported: callers import it from here
+from .plan_check import (PlanChecker, failing_groups,  # noqa: F401
+                         float_tensors, isolate_failing_group, model_outputs,
+                         relative_difference, replayed_rng)
 
 FAILED = 'failed exactness check'
 NOT_VERIFIED = 'not verified'
@@ -83,54 +83,6 @@ class Verification:
                 f'{self.seconds:.2f} s, {len(self.frozen)} group(s) frozen')
 
 
-@contextlib.contextmanager
-def replayed_rng(x, seed=0):
-    """Seed torch's RNG for one forward and restore the caller's stream
-    afterwards: random ops inside replay the same numbers every time."""
-    devices = [x.device] if x.device.type == 'cuda' else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
-
-
-def float_tensors(out):
-    return [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)
-            and t.is_floating_point()]
-
-
-def model_outputs(model, x, forward, seed=0):
-    """Floating-point outputs of ``forward(model, x)``; random ops inside
-    (a head drawing bases in eval mode) replay the same numbers every time."""
-    with replayed_rng(x, seed):
-        out = (forward or default_forward)(model, x)
-    return float_tensors(out)
-
-
-def relative_difference(ys, zs, scales=None):
-    """``(max over outputs of max|a - b| / scale, '')``, or ``(None, why)``
-    when the outputs do not match in number or shape. ``scale`` is the
-    largest of ``max|a|``, the matching entry of ``scales`` and 1e-12."""
-    if len(ys) != len(zs):
-        return None, (f'{len(zs)} outputs instead of {len(ys)}')
-    diff = 0.0
-    for i, (a, b) in enumerate(zip(ys, zs)):
-        if a.shape != b.shape:
-            return None, (f'output shape {tuple(b.shape)} instead of '
-                          f'{tuple(a.shape)}')
-        ref = scales[i] if scales else 0.0
-        scale = max(float(a.abs().max()) if a.numel() else 0.0, ref, 1e-12)
-        d = float((a - b).abs().max()) / scale if a.numel() else 0.0
-        if d != d:
-            return None, 'NaN in the outputs'
-        diff = max(diff, d)
-    return diff, ''
-
-
-def _short(e: BaseException) -> str:
-    msg = ' '.join(str(e).split())
-    return f'{type(e).__name__}: {msg[:160]}'
-
-
 def random_plans(comb: CombResult, seed: int = 0):
     """Two complementary keep-masks: in each, half of the prunable groups
     keep one channel and the others a random share (20-80%); every group
@@ -156,130 +108,6 @@ def random_plans(comb: CombResult, seed: int = 0):
         # branch of a concat): keep one of each, as the schedule does
         kept |= comb.one_per_producer(kept, rng.random(comb.num_channels))
     return plans
-
-
-class PlanChecker:
-    """Gated vs pruned outputs for a keep-mask restricted to some groups."""
-
-    def __init__(self, model, comb, x, forward, tol, scales=None):
-        self.model, self.comb, self.x = model, comb, x
-        self.forward, self.tol = forward, tol
-        self.scales = scales  # output magnitudes of the unpruned model
-        self.checks = 0
-        self.max_difference = 0.0
-        self.last = None  # (gated, pruned) outputs of the last check
-        self._double = None
-
-    def restrict(self, kept, groups):
-        out = np.ones_like(kept)
-        for g in groups:
-            out[g.channels] = kept[g.channels]
-        return out
-
-    def difference(self, model, x, kept) -> (Optional[float], str):
-        """``(max relative difference, '')`` or ``(None, error)``; the
-        outputs compared stay in ``self.last``."""
-        self.checks += 1
-        self.last = None
-        gates = ChannelGates(model, self.comb)
-        try:
-            gates.set_kept(kept)
-            with torch.no_grad():
-                gated = model_outputs(model, x, self.forward)
-        except Exception as e:
-            return None, f'the gated model raised {_short(e)}'
-        finally:
-            gates.remove()
-        try:
-            small = prune_model(structural_copy(model), self.comb, kept)
-            with torch.no_grad():
-                pruned = model_outputs(small, x, self.forward)
-        except Exception as e:
-            return None, f'the pruned model raised {_short(e)}'
-        self.last = (gated, pruned)
-        # relative to the unpruned model's outputs where known: a plan that
-        # silences an output must not turn rounding noise into a difference
-        return relative_difference(gated, pruned, self.scales)
-
-    def fails(self, kept) -> Optional[str]:
-        """None if the plan is exact, else the reason."""
-        return self.judge(kept, *self.difference(self.model, self.x, kept))
-
-    def rejudge(self, kept, reason) -> Optional[str]:
-        """:meth:`fails` for the plan just checked (which failed with
-        ``reason``), with the scales set since: no new forward."""
-        if self.last is None:  # it raised: no scale changes that
-            return reason
-        return self.judge(kept, *relative_difference(*self.last,
-                                                     self.scales))
-
-    def judge(self, kept, diff, err) -> Optional[str]:
-        if diff is None:
-            return err
-        if diff <= self.tol:
-            self.max_difference = max(self.max_difference, diff)
-            return None
-        if diff < 1e-2 and self._float64() is not None:
-            # rounding or a real difference? float64 tells
-            m64, x64 = self._double
-            d64, err = self.difference(m64, x64, kept)
-            if d64 is not None and d64 <= 1e-9:
-                self.max_difference = max(self.max_difference, diff)
-                return None
-        return f'max relative difference {diff:.2e} (tolerance {self.tol:g})'
-
-    def _float64(self):
-        if self._double is None:
-            try:
-                m64 = copy.deepcopy(self.model).double()
-                x64 = self.x.double()
-                with torch.no_grad():
-                    model_outputs(m64, x64, self.forward)
-                self._double = (m64, x64)
-            except Exception:
-                self._double = False
-        return self._double or None
-
-
-def isolate_failing_group(checker, kept, groups, reason):
-    """One group of ``groups`` (which fail together, with ``reason``) that
-    the failure needs, by binary splitting: one check per halving.
-
-    Invariant: ``groups + context`` fails and ``context`` alone passes. If
-    the left half with the context fails, search it; else it joins the
-    context (it passes) and the failure lies in the right half.
-    """
-    context = []
-    while len(groups) > 1:
-        half = len(groups) // 2
-        left, right = groups[:half], groups[half:]
-        why = checker.fails(checker.restrict(kept, left + context))
-        if why:
-            groups, reason = left, why
-        else:
-            context, groups = context + left, right
-    if context and reason:
-        reason += (f' (with {len(context)} other group(s) pruned, e.g. '
-                   f'{context[0].name})')
-    return groups[0], reason
-
-
-def failing_groups(model, comb, kept, x, tol) -> dict:
-    """{group name: reason} of the groups whose pruning to ``kept`` breaks
-    gated == pruned on ``x`` (``model`` bare, in eval mode), isolated one
-    at a time by comb verification's bisection; {} if the whole plan
-    passes its check (a float32 difference that float64 clears)."""
-    checker = PlanChecker(model, comb, x, None, tol)
-    groups = [g for g in comb.groups if not kept[g.channels].all()]
-    found = {}
-    while groups:
-        why = checker.fails(checker.restrict(kept, groups))
-        if why is None:
-            break
-        bad, why = isolate_failing_group(checker, kept, groups, why)
-        found[bad.name] = why
-        groups.remove(bad)  # kept whole in the next checks
-    return found
 
 
 def _finite(outs):
@@ -308,13 +136,14 @@ def _confirm(checker, model, kept, reason, report):
     checker to go on with (on the model's own weights where generic ones
     give outputs that are not finite), the plan's verdict relative to the
     unpruned outputs, and why nothing can be checked (or '')."""
+    checker.release()  # plain runs: no gate
     first, why = _baseline(checker.model, checker.x, checker.forward,
                            checker.tol)
     if why.startswith('the outputs') and checker.model is not model:
         report.weights = f"the model's own ({why} on generic weights)"
         report.checks += checker.checks
         checker = PlanChecker(model, checker.comb, checker.x, checker.forward,
-                           checker.tol)
+                              checker.tol, hold=True)
         first, why = _baseline(model, checker.x, checker.forward,
                                checker.tol)
         reason = None if why else checker.fails(kept)
@@ -362,8 +191,23 @@ def verify_comb(model: nn.Module, comb: CombResult, x: torch.Tensor,
             model, seed, redraw_weights=False), f'generic (seed {seed})'
     else:
         subject, report.weights = model, "the model's own"
-    checker = PlanChecker(subject, comb, x, forward, tol)
-    confirmed = False
+    # gates stay on the checked model from check to check, until the end
+    checkers = [PlanChecker(subject, comb, x, forward, tol, hold=True)]
+    try:
+        _check_plans(checkers, model, comb, seed, report, logger)
+    finally:
+        checkers[-1].release()
+    checker = checkers[-1]
+    report.checks += checker.checks
+    report.max_difference = checker.max_difference
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _check_plans(checkers, model, comb, seed, report, logger):
+    """Check the two plans and freeze what fails. ``checkers[-1]`` is the
+    checker in use (:func:`_confirm` may go on with another one)."""
+    checker, confirmed = checkers[-1], False
     for name, kept in zip(('A', 'B'), random_plans(comb, seed)):
         report.plans.append(name)
         for _ in range(len(comb.groups) + 1):
@@ -376,6 +220,7 @@ def verify_comb(model: nn.Module, comb: CombResult, x: torch.Tensor,
                 checker, reason, why = _confirm(
                     checker, model, checker.restrict(kept, groups), reason,
                     report)
+                checkers.append(checker)
                 if why:
                     report.nondeterministic = why \
                         if 'not deterministic' in why else ''
@@ -393,7 +238,3 @@ def verify_comb(model: nn.Module, comb: CombResult, x: torch.Tensor,
             kept[bad.channels] = True
             if logger is not None:
                 logger(f'comb verification froze group {bad.name}: {why}')
-    report.checks += checker.checks
-    report.max_difference = checker.max_difference
-    report.seconds = time.perf_counter() - start
-    return report
