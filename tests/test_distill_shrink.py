@@ -14,6 +14,7 @@ from mmengine.registry import DefaultScope
 from mmengine.structures import InstanceData, PixelData
 
 from cpd_mm.comb import ChannelGates, comb_model, prune_model, redraw_
+from cpd_mm.comb.surgery import structural_copy
 from cpd_mm.distill import (ChannelWiseDivergence, CPDDistiller,
                             KLDivergence)
 from cpd_mm.distill.shrink import base_keep_from_comb
@@ -226,6 +227,32 @@ def test_cirkd_connector_follows_successive_masks():
         fresh.follow_student_shrink(with_logits)
     assert fresh.distill_losses[0].student_channels == 32 and not \
         fresh._shrunk
+
+
+def test_follow_leaves_copies_alone_and_keeps_the_teacher():
+    """The shrink probes surgery on structural copies of the distiller
+    (shared attributes): following there must not touch the original. After
+    a shrink the 'self' teacher keeps the original width and weights:
+    ``init_weights`` (a resumed run calls it) does not copy the student
+    into it, and ``sync_teacher`` refuses."""
+    d = build(SEG, 'mmseg', 'cirkd')
+    keep = np.arange(32) % 3 != 0
+
+    def base_keep(path, kind):
+        return [[keep]] if path == 'decode_head.dropout' else []
+    probe = structural_copy(d)
+    probe.follow_student_shrink(base_keep)
+    assert probe.distill_losses[1].project_head[0].weight.shape[1] == 21
+    assert d.distill_losses[1].project_head[0].weight.shape[1] == 32
+    assert not d._shrunk
+    d.follow_student_shrink(base_keep)
+    assert d.distill_losses[1].project_head[0].weight.shape[1] == 21
+    teacher = {k: v.clone() for k, v in d.teacher.state_dict().items()}
+    d.init_weights()
+    for k, v in d.teacher.state_dict().items():
+        assert torch.equal(v, teacher[k]), k
+    with pytest.raises(RuntimeError, match='student was shrunk'):
+        d.sync_teacher()
 
 
 # ------------------------------------------ channel by channel: CWD, KL ---

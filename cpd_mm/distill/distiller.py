@@ -184,6 +184,7 @@ class CPDDistiller(BaseModel):
         # item index -> channels left in its student source (plain data,
         # outside the state dict: see follow_student_shrink)
         self._shrunk: Dict[int, ShrunkSource] = {}
+        self._student_shrunk = False  # the teacher keeps the original size
         for index, item in enumerate(items):
             self._add_item(index, item)
         # a plain student checkpoint must land on student.* (and teacher.*)
@@ -291,23 +292,18 @@ class CPDDistiller(BaseModel):
                 remove more. :func:`~cpd_mm.distill.shrink.
                 base_keep_from_comb` builds it from a comb and a keep mask.
 
-        For every item whose student source lost channels:
-
-        - a loss with ``shrink_student_channels(keep)`` (a connector from
-          the student's width: :class:`CIRKDLoss`'s projection head) gets
-          the keep mask relative to its current input width and slices its
-          connector alike (its value is unchanged: removed channels were
-          zero in the gated student); the teacher is untouched;
-        - any other loss compares channel c of the student with channel c
-          of the teacher: from now on the teacher's source is indexed by the
-          kept positions along the channel axis before the loss, which is
-          the gated student's loss recomputed on the kept channels only
-          (normalisers over channels count the kept ones: CWD divides by
-          N·C' instead of N·C, a softmax over channels runs over the kept
-          ones; see :mod:`cpd_mm.distill.shrink`).
-
-        The state kept here is plain data outside the ``state_dict``; a
-        distiller that is never told of a shrink works as before.
+        For every item whose student source lost channels: a loss with
+        ``shrink_student_channels(keep)`` (a connector from the student's
+        width: :class:`CIRKDLoss`'s projection head) gets the mask relative
+        to its current width and slices the connector alike (same value:
+        removed channels were zero in the gated student); for any other
+        loss (channel c against channel c: CWD, KL on features) the
+        teacher's source is from then on indexed by the kept positions
+        along the channel axis, i.e. the gated loss recomputed on the kept
+        channels (normalisers count the kept channels: CWD divides by N·C'
+        instead of N·C; see :mod:`cpd_mm.distill.shrink`). The state is
+        plain data outside the ``state_dict``; the 'self' teacher keeps the
+        original width (``init_weights`` no longer copies the student).
 
         Raises:
             ValueError: a mask removes channels of the ``'logits'`` source
@@ -320,12 +316,17 @@ class CPDDistiller(BaseModel):
                              self._shrunk.get(index))
                  for index, (spec, loss_fn) in enumerate(
                      zip(self.distill_specs, self.distill_losses))]
+        # new containers, never written in place: a structural copy of the
+        # distiller (the shrink's probes) shares them with the original
+        state = dict(self._shrunk)
         for index, (shrunk, connector_keep) in enumerate(found):
             if connector_keep is not None:
                 self.distill_losses[index].shrink_student_channels(
                     connector_keep)
             if shrunk is not None:
-                self._shrunk[index] = shrunk
+                state[index] = shrunk
+        self._shrunk = state
+        self._student_shrunk = True
 
     @staticmethod
     def _label_map(data_samples, device) -> Optional[torch.Tensor]:
@@ -361,9 +362,11 @@ class CPDDistiller(BaseModel):
 
     # --------------------------------------------------- weights and loading
     def init_weights(self) -> None:
-        """Initialise the student; a 'self' teacher then copies it."""
+        """Initialise the student; a 'self' teacher then copies it, unless
+        the student was shrunk (:meth:`follow_student_shrink`): the teacher
+        keeps the unpruned weights (a resumed run loads them)."""
         self.student.init_weights()
-        if self.teacher_is_self:
+        if self.teacher_is_self and not self._student_shrunk:
             self.sync_teacher()
         self._is_init = True
 
@@ -375,6 +378,11 @@ class CPDDistiller(BaseModel):
         construction) are skipped; a teacher entry the student lacks is an
         error, since the teacher would keep its old values.
         """
+        if self._student_shrunk:
+            raise RuntimeError(
+                'cannot copy the student into the teacher: the student was '
+                'shrunk (follow_student_shrink) and the teacher keeps the '
+                'original width; copy before pruning starts')
         result = self.teacher.load_state_dict(self.student.state_dict(),
                                               strict=False)
         if result.missing_keys:

@@ -26,7 +26,9 @@ distill item then goes one of three ways (see
 
 The per-item state (absolute kept positions per level) is plain Python data,
 not part of any ``state_dict``: on resume the runner rebuilds it by calling
-``follow_student_shrink`` again with the plan's masks.
+``follow_student_shrink`` again with the plan's masks. Following replaces
+what it changes and writes nothing in place (a connector gets new
+parameters), as surgery on a structural copy requires.
 """
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
