@@ -2,9 +2,11 @@
 
     python benchmarks/hook_overhead.py [--models resnet vit] [--iters 60]
 
-For each model the same training step (data preprocessing, forward,
-backward, SGD update) runs on the same fixed batch, alternating blocks of
-10 iterations without and with the hook's per-iteration work:
+With ``shrink='step'`` (the default) see :func:`measure_shrink`. With
+``shrink='never'`` (masks only, :func:`measure`) the same training step
+(data preprocessing, forward, backward, SGD update) runs on the same fixed
+batch, alternating blocks of 10 iterations without and with the hook's
+per-iteration work:
 
 * ``pruning``: while pruning, gates at 50% of every prunable group
   (output gates, masked norms where channels are removed) and the
@@ -129,6 +131,102 @@ def measure(name, iters, with_fd=True):
     return res
 
 
+def measure_shrink(name, iters):
+    """``shrink='step'`` (the default): while pruning the student carries
+    no gates, only the score hooks; after the target nothing. Three
+    interleaved comparisons, each on the same fixed batch:
+
+    * ``while_pruning``: the score hooks on the full model and on the
+      half-pruned one, against the same model without them;
+    * ``after_vs_own_checkpoint``: the student the session shrank, against
+      the same pruned structure built from its plan and loaded with its
+      weights (what training the pruned model from its own checkpoint
+      costs), each with its own SGD;
+    * ``step_s``: CPU time of one pruning step (selection, check, shrink of
+      weights and optimizer state, re-comb), to divide by the interval.
+    """
+    from mmengine.optim import build_optim_wrapper
+    from cpd_mm.comb import comb_model
+    from cpd_mm.prune import (ImportanceAccumulator, PruningSession,
+                              TrainingState, apply_plan)
+    model, optim, data, size = build(name)
+    clock = time.process_time if torch.get_num_threads() == 1 \
+        else time.perf_counter
+
+    def blocks(models, k=10, rounds=None):
+        """Alternate k-iteration blocks of each ``(model, optim, before,
+        after)``; per entry the list of iteration times."""
+        out = [[] for _ in models]
+        for _ in range(rounds or max(iters // k, 1)):
+            for i, (m, o, setup, teardown) in enumerate(models):
+                state = setup() if setup else None
+                for _ in range(k):
+                    t = clock()
+                    m.train_step(data, o)
+                    if state is not None:
+                        state.step()
+                    out[i].append(clock() - t)
+                if teardown:
+                    teardown(state)
+        return out
+
+    def scorer_on(m):
+        comb = comb_model(m, input_shape=(1, 3, size, size), verify=False)
+        return (lambda: ImportanceAccumulator(m, comb, 'hessian'),
+                lambda sc: sc.remove())
+
+    for _ in range(5):
+        model.train_step(data, optim)  # warm-up
+    res = dict(model=f'{name} ({size}x{size}, batch {len(data["inputs"])})',
+               threads=torch.get_num_threads(), clock=clock.__name__)
+    on, off = scorer_on(model)
+    plain, scored = blocks([(model, optim, None, None),
+                            (model, optim, on, off)])
+    a, b = statistics.median(plain), statistics.median(scored)
+    res.update(full_median_s_without=a, full_median_s_scoring=b,
+               overhead_while_pruning_full=b / a - 1)
+    # prune to half the parameters in four steps, scored by real gradients
+    session = PruningSession(model, target_sparsity=0.5, interval=1,
+                             begin_iter=1, end_iter=4,
+                             input_shape=(1, 3, size, size))
+    session.setup()
+    steps = []
+    for it in range(1, 5):
+        model.train_step(data, optim)
+        t = clock()
+        session.after_iter(it, TrainingState(optimizers=[optim.optimizer]))
+        steps.append(clock() - t)
+    assert session.finished and session.physical
+    res.update(step_s=statistics.median(steps[:-1]),
+               final_step_s=steps[-1], sparsity=session.sparsity())
+    on, off = scorer_on(model)
+    plain, scored = blocks([(model, optim, None, None),
+                            (model, optim, on, off)])
+    a, b = statistics.median(plain), statistics.median(scored)
+    res.update(half_median_s_without=a, half_median_s_scoring=b,
+               overhead_while_pruning_half=b / a - 1)
+    # the same structure built from the plan, loaded with the weights
+    twin = build(name)[0]
+    apply_plan(twin, session.plan())
+    twin.load_state_dict(model.state_dict())
+    twin_optim = build_optim_wrapper(
+        twin, dict(optimizer=dict(type='SGD', lr=0.01, momentum=0.9)))
+    for _ in range(5):
+        twin.train_step(data, twin_optim)
+    after, own = blocks([(model, optim, None, None),
+                         (twin, twin_optim, None, None)])
+    a, b = statistics.median(after), statistics.median(own)
+    res.update(after_median_s=a, own_checkpoint_median_s=b,
+               after_vs_own_checkpoint=a / b)
+    print(f'{res["model"]} shrink=step: while pruning '
+          f'{100 * res["overhead_while_pruning_full"]:+.1f}% (full), '
+          f'{100 * res["overhead_while_pruning_half"]:+.1f}% (half); '
+          f'a pruning step {res["step_s"] * 1e3:.0f} ms; after the target '
+          f'{a * 1e3:.1f} ms vs {b * 1e3:.1f} ms from its own checkpoint '
+          f'({a / b:.3f}x)')
+    return res
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument('--models', nargs='+', default=list(MODELS_),
@@ -138,8 +236,15 @@ def main():
                    help="skip importance='hessian_fd' (its probe: two more "
                    'gated forward/backward passes per iteration)')
     p.add_argument('--json', default='benchmarks/hook_overhead.json')
+    p.add_argument('--no-never', action='store_true',
+                   help="skip shrink='never' (masks only, gates all run)")
     args = p.parse_args()
-    out = [measure(m, args.iters, not args.no_fd) for m in args.models]
+    out = []
+    for m in args.models:
+        res = dict(shrink_step=measure_shrink(m, args.iters))
+        if not args.no_never:
+            res['shrink_never'] = measure(m, args.iters, not args.no_fd)
+        out.append(res)
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(out, f, indent=1)

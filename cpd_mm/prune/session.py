@@ -26,14 +26,13 @@ from typing import Callable, List, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
-from mmengine.dist import (all_gather_object, all_reduce,
-                           broadcast_object_list, is_distributed,
-                           is_main_process)
+from mmengine.dist import all_reduce, is_distributed
 
 from ..comb import ChannelGates, comb_model, prune_model
 from .cost import METRICS, CostModel
 from .importance import (IMPORTANCE_TYPES, ImportanceAccumulator,
                          normalise_by_memory)
+from . import preflight
 from .plan import make_plan
 from .schedule import RANKINGS, select_channels, sparsity_at
 from .shrink import map_channels, shrink_student, source_keep
@@ -170,8 +169,8 @@ class PruningSession:
         self.base = comb_model(original, input_shape=self.input_shape,
                                exclude=self.exclude, verify=state is None,
                                logger=self._info)
-        self._sync_verification(state)
-        table = self._latency_table(original) \
+        preflight.sync_verification(self, state)
+        table = preflight.latency_table(self, original) \
             if self.target == 'latency' else None
         self.cost = CostModel(original, self.base, table)
         self.kept = np.ones(self.base.num_channels, dtype=bool)
@@ -184,8 +183,8 @@ class PruningSession:
         if state is not None and state.get('scorer'):
             self.scorer.load_state_dict(self._scorer_state(state['scorer']))
         self._set_kept(self.kept)
-        self._report()
-        self._check_reachable()
+        preflight.report(self)
+        preflight.check_reachable(self)
 
     def _attach(self, probes=0):
         """Comb of the student as it is now, its map to ``base``, gates
@@ -216,42 +215,6 @@ class PruningSession:
             self.comb, next(iter(self.student.parameters()))))
         self._scoring = True
 
-    def _report(self):
-        n = len(self.base.prunable_groups)
-        self._info(
-            f'CPD: combed {type(self.student).__name__}: '
-            f'{len(self.base.groups)} channel groups ({n} prunable), '
-            f'{self.base.num_channels} channels, '
-            f'{int(self.base.frozen_channels.sum())} frozen; '
-            f'{self.cost.total_params / 1e6:.3f} M params, target sparsity '
-            f'{self.target_sparsity:.0%} of {self.target}; shrink='
-            f'{self.shrink!r}')
-        if self.base.verification is not None:
-            self._info(f'CPD: verification: {self.base.verification}')
-        for g in self.base.groups:
-            if g.frozen.any() and g.size > 1:
-                self._info(f'CPD: group {g.name} ({g.size} channels): '
-                           f'{int(g.frozen.sum())} frozen: '
-                           + '; '.join(g.reasons))
-        if self.base.unhandled_ops:
-            self._warn('CPD: aten ops without a channel rule (their '
-                       'channels are frozen): ' + ', '.join(
-                           f'{k} x{v}' for k, v in
-                           sorted(self.base.unhandled_ops.items())))
-        if n == 0:
-            raise RuntimeError(
-                'CPD: no prunable channel group was found (every group is '
-                'frozen, see the reasons above); run tools/check_pruning.py '
-                'on this config')
-        names = [g.name for g in self.base.prunable_groups
-                 if self.unscored[g.channels].any()]
-        if names:
-            self._warn(
-                f'CPD: {len(names)} group(s) are not pruned: their layers\' '
-                'outputs do not require grad (frozen parameters, e.g. '
-                'frozen_stages), so no gate gradient exists: '
-                + ', '.join(names[:8]) + (' ...' if len(names) > 8 else ''))
-
     @property
     def unscored(self) -> np.ndarray:
         """Base channels no gradient scores (layers that do not train),
@@ -264,82 +227,6 @@ class PruningSession:
             all_reduce(t, op='sum')
             out = t.numpy() > 0
         return out
-
-    def _check_reachable(self):
-        """Refuse, before training, a target that the floors forbid: the
-        selection itself, run to an empty budget, gives the smallest
-        structure that the floors, frozen groups and unscored channels
-        leave (for 'latency': as the table predicts)."""
-        total = self.cost.total(self.target)
-        smallest = select_channels(
-            np.zeros(self.base.num_channels), self.kept, self.base,
-            self.cost, 0.0, self.target, self.min_channels, self.round_to,
-            protected=self.unscored, max_removal=self.max_removal,
-            ranking='score')
-        reachable = 1.0 - self.cost.evaluate(smallest, self.target) / total
-        self._info(f'CPD: the floors allow a sparsity of {reachable:.3f} of '
-                   f'{self.target} at most')
-        if reachable < self.target_sparsity - 1e-3:
-            what = ('the latency table (measured on '
-                    f'{self.cost.table.provider} at {self.latency["shape"]}) '
-                    'predicts that the smallest structure keeps '
-                    if self.target == 'latency' else
-                    'the smallest structure keeps ')
-            raise ValueError(
-                f'CPDPruningHook: target_sparsity={self.target_sparsity} of '
-                f'{self.target} cannot be reached: with max_removal='
-                f'{self.max_removal}, min_channels={self.min_channels}, '
-                f'round_to={self.round_to}, the frozen groups and '
-                f'{int(self.unscored.sum())} channel(s) of layers that do '
-                'not train, ' + what +
-                f'{1 - reachable:.1%} of it (sparsity {reachable:.3f} at '
-                'most). Lower target_sparsity, raise max_removal, or lower '
-                'round_to' + ('; a latency measured at a small latency_shape'
-                              ' is mostly fixed overhead: use the deployment '
-                              'input size' if self.target == 'latency'
-                              else '') + '.')
-
-    def _latency_table(self, student):
-        """Rank 0 measures (or loads from its cache) the latency table of
-        the bare student, before gates change its graph; every rank gets
-        rank 0's."""
-        from ..deploy.latency_table import LatencyTable
-        lat, data = self.latency, [None]
-        if is_main_process():
-            table = LatencyTable.build(
-                student, lat['shape'], providers=lat['providers'],
-                threads=lat['threads'], logger=self.log,
-                precision=lat['precision'])
-            data = [table.data]
-            if self.round_to % max(table.channel_block, 1):
-                self._warn(
-                    f'CPD: round_to={self.round_to} is not a multiple of '
-                    f'{table.channel_block}, the channel block of '
-                    f'{table.provider} on this CPU: widths off that block '
-                    'run slower than the latency table predicts')
-        if is_distributed():
-            broadcast_object_list(data, src=0)
-        table = LatencyTable(data[0])
-        self._info(f'CPD: latency table: {table.full_ms:.2f} ms measured on '
-                   f'{table.provider} at {lat["shape"]} in '
-                   f'{table.precision.upper()}')
-        return table
-
-    def _sync_verification(self, state):
-        """Every rank freezes the union of what each rank's verification
-        (or the resumed run's) froze: a group that failed its check
-        anywhere is not trusted anywhere."""
-        frozen = frozen_here = dict(state.get('verified_frozen', {})) \
-            if state else dict(self.base.verification.frozen)
-        if is_distributed():  # the same dict, in rank order, everywhere
-            frozen = {}
-            for rank, found in enumerate(all_gather_object(frozen_here)):
-                for name, reason in found.items():
-                    frozen.setdefault(name, reason if rank == 0 else
-                                      f'{reason} (on rank {rank})')
-        for name, reason in frozen.items():
-            self.base.freeze_group(self.base.group(name), reason)
-        self.verified_frozen = frozen
 
     # ---------------------------------------------------------- metrics
     def _set_kept(self, kept):

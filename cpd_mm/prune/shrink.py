@@ -66,42 +66,44 @@ def _probe(owner, surgery, names, fill):
 def param_maps(owner: nn.Module, surgery: Callable[[nn.Module], None],
                prefix: str = '') -> Dict[str, Optional[ParamMap]]:
     """``{new parameter name: ParamMap or None}`` of ``surgery(owner)``,
-    found without touching ``owner`` (three surgeries on copies: source
-    ids, flat indices, ones), for the parameters under ``prefix`` and the
-    trainable ones. None: entries mix parameters or are not a scaled
-    selection."""
+    found without touching ``owner``, for the parameters under ``prefix``
+    and the trainable ones: one surgery on a copy whose entries hold their
+    global index (float64), and, where a result is not an integer (a
+    handler folded a scale in), one more whose entries are all one. None:
+    entries mix parameters or are not a scaled selection."""
     names = {n: p for n, p in owner.named_parameters()
              if n.startswith(prefix) or p.requires_grad}
     order = list(names)
-
-    def ids(k, p):
-        return torch.full_like(p, k + 1, dtype=torch.float64)
+    sizes = np.array([p.numel() for p in names.values()], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
 
     def index(k, p):
-        return torch.arange(p.numel(), dtype=torch.float64,
-                            device=p.device).view(p.shape)
+        return torch.arange(int(starts[k]), int(starts[k] + sizes[k]),
+                            dtype=torch.float64, device=p.device
+                            ).view(p.shape)
 
-    def ones(k, p):
-        return torch.ones_like(p, dtype=torch.float64)
-
-    src, idx, one = (_probe(owner, surgery, names, f)
-                     for f in (ids, index, ones))
+    idx = _probe(owner, surgery, names, index)
+    scale = {}
+    if any(v.numel() and (v - torch.round(v)).abs().max() > 1e-6
+           for v in idx.values()):
+        scale = _probe(owner, surgery, names,
+                       lambda k, p: torch.ones_like(p, dtype=torch.float64))
     maps = {}
-    for name, s in one.items():
+    for name, v in idx.items():
         maps[name] = None
-        if s.numel() == 0 or (s == 0).any():
+        s = scale.get(name)
+        if v.numel() == 0 or (s is not None and (s == 0).any()):
             continue
-        k, i = src[name] / s, idx[name] / s
-        kr, ir = torch.round(k), torch.round(i)
-        if not torch.equal(kr, kr[:1].expand_as(kr)) or \
-                (k - kr).abs().max() > 1e-3 or (i - ir).abs().max() > 1e-2 \
-                or not 1 <= int(kr[0]) <= len(order):
+        g = torch.round(v / s if s is not None else v)
+        if (g - (v / s if s is not None else v)).abs().max() > 1e-2:
             continue
-        source = order[int(kr[0]) - 1]
-        if ir.min() < 0 or ir.max() >= names[source].numel():
+        g = g.cpu().numpy().astype(np.int64)
+        k = np.searchsorted(starts, g, side='right') - 1
+        if g.min() < 0 or g.max() >= sizes.sum() or (k != k[0]).any():
             continue
-        unit = bool(((s - 1).abs() < 1e-12).all())
-        maps[name] = ParamMap(source, ir.long(),
+        unit = s is None or bool(((s - 1).abs() < 1e-12).all())
+        maps[name] = ParamMap(order[k[0]],
+                              torch.as_tensor(g - starts[k[0]]),
                               None if unit else s.float())
     return maps
 
