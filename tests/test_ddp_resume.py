@@ -9,9 +9,10 @@ import torch
 from dist_utils import run_distributed
 from test_prune_hook import CPDPruningHook, Interrupt, InterruptAt, make_runner
 
-# pruning steps at iterations 3, 6, 9 and 12; the checkpoint of iteration 5
-# holds two iterations' scores of the interval that ends at 6
-SCHEDULE = dict(importance='hessian', interval=3, begin_iter=3, end_iter=12,
+# pruning steps at iterations 3, 6, 9 and 12, each shrinking the student;
+# the checkpoint of iteration 5 holds the shrunk student and two
+# iterations' scores of the interval that ends at 6
+SCHEDULE = dict(importance='hessian', interval=3, begin_iter=0, end_iter=12,
                 launcher='pytorch')
 
 

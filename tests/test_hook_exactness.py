@@ -22,6 +22,7 @@ from cpd_mm.prune.snapshot import GATED_PLAN_KEY, PrunedCheckError
 from cpd_mm.utils.checkpoint import save_checkpoint_atomic
 from test_distiller import seg_cfg
 from test_prune_hook import CPDPruningHook, HookToyNet, make_runner
+from cpd_mm.prune import CPDRunner
 
 
 class BreakSurgeryAfterComb(Hook):
@@ -148,13 +149,18 @@ def _cirkd_buffers(work_dir, importance):
     """The distiller's buffers after three iterations (PSPNet student,
     CIRKD with its memory queues), pruning only after the last one."""
     with DefaultScope.overwrite_default_scope('mmseg'):
-        return _train_cirkd(work_dir, importance)
+        return dict(_train_cirkd(work_dir, importance).model.named_buffers())
 
 
-def _train_cirkd(work_dir, importance):
-    runner = Runner(
+def _train_cirkd(work_dir, importance, shrink='never', distill='cirkd',
+                 steps=None):
+    hook = dict(type='CPDPruningHook', target_sparsity=0.2,
+                importance=importance, interval=1, begin_iter=3, end_iter=3,
+                input_shape=(1, 3, 32, 32), save_pruned=False, shrink=shrink)
+    hook.update(steps or {})
+    runner = CPDRunner(
         model=dict(type='CPDDistiller', student=seg_cfg(), teacher='self',
-                   distill='cirkd'),
+                   distill=distill),
         work_dir=work_dir,
         train_dataloader=dict(
             dataset=dict(type='HookSegData'),
@@ -163,14 +169,34 @@ def _train_cirkd(work_dir, importance):
             collate_fn=dict(type='pseudo_collate')),
         optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.01)),
         train_cfg=dict(by_epoch=False, max_iters=3),
-        custom_hooks=[dict(type='CPDPruningHook', target_sparsity=0.2,
-                           importance=importance, interval=1, begin_iter=3,
-                           end_iter=3, input_shape=(1, 3, 32, 32),
-                           save_pruned=False, shrink='never')],
+        custom_hooks=[hook],
         default_hooks=dict(checkpoint=None),
         randomness=dict(seed=0), default_scope='mmseg')
     runner.train()
-    return dict(runner.model.named_buffers())
+    return runner
+
+
+@pytest.mark.parametrize('distill', ['cirkd', 'cwd', 'kl'])
+def test_distiller_trains_on_as_the_student_shrinks(tmp_path, distill):
+    """shrink='step' with the segmentation presets: the student loses
+    channels at iterations 1 and 2 and trains one more with the teacher
+    (CIRKD's projection head follows the student's embedding width)."""
+    with DefaultScope.overwrite_default_scope('mmseg'):
+        runner = _train_cirkd(str(tmp_path), 'hessian', shrink='step',
+                              distill=distill, steps=dict(
+                                  begin_iter=0, end_iter=2,
+                                  target_sparsity=0.4))
+    hook = [h for h in runner.hooks if isinstance(h, CPDPruningHook)][0]
+    assert runner.iter == 3 and hook.physical and hook.finished
+    model = runner.model
+    full = sum(p.numel() for p in model.teacher.parameters())
+    small = sum(p.numel() for p in model.student.parameters())
+    assert small < 0.8 * full  # the teacher kept its size
+    if distill == 'cirkd':
+        head = model.distill_losses[1]
+        emb = model.student.decode_head.conv_seg.in_channels
+        assert head.student_channels == emb == \
+            head.project_head[0].weight.shape[1]
 
 
 def test_hessian_fd_probe_leaves_the_distillers_memories(tmp_path):

@@ -55,9 +55,17 @@ def _shape_calls(cls):
 
 
 def _record_channels(comb):
-    return {name: np.unique(np.concatenate(
-        [comb.channels(a).ravel() for a in rec.atom_arrays().values()]
-        or [np.zeros(0, np.int64)])) for name, rec in comb.records.items()}
+    """Module name -> the channels its record reads or writes. Records are
+    fixed once traced: computed once per comb, not once per surgery
+    (verification prunes a copy per check)."""
+    cached = getattr(comb, '_record_channels_cache', None)
+    if cached is None or cached[0] is not comb.records:
+        chans = {name: np.unique(np.concatenate(
+            [comb.channels(a).ravel() for a in rec.atom_arrays().values()]
+            or [np.zeros(0, np.int64)]))
+            for name, rec in comb.records.items()}
+        cached = comb._record_channels_cache = (comb.records, chans)
+    return cached[1]
 
 
 def _owners(comb, module, atoms, rec_chans):
@@ -122,19 +130,24 @@ def structural_copy(model: nn.Module) -> nn.Module:
     buffers and other attributes are the original objects: enough to prune
     it (surgery replaces what it changes and never writes into a tensor it
     did not create), without copying the weights."""
-    memo = {}
+    # a module-level recursion: a nested one refers to itself, and that
+    # cycle would hold every copy (through the memo) until the garbage
+    # collector runs
+    return _clone_module(model, {})
 
-    def clone(m):
-        if id(m) not in memo:
-            new = copy.copy(m)  # a new __dict__, the same values
-            memo[id(m)] = new
-            new._parameters = m._parameters.copy()
-            new._buffers = m._buffers.copy()
-            new._modules = type(m._modules)(
-                (k, None if v is None else clone(v))
-                for k, v in m._modules.items())
-        return memo[id(m)]
-    return clone(model)
+
+def _clone_module(m, memo):
+    """``m`` with new module objects; ``memo``: id(original) -> copy, so a
+    module shared by two parents stays shared."""
+    new = memo.get(id(m))
+    if new is None:
+        new = memo[id(m)] = copy.copy(m)  # a new __dict__, the same values
+        new._parameters = m._parameters.copy()
+        new._buffers = m._buffers.copy()
+        new._modules = type(m._modules)(
+            (k, None if v is None else _clone_module(v, memo))
+            for k, v in m._modules.items())
+    return new
 
 
 def _set_submodule(model, name, new):

@@ -1,5 +1,6 @@
 """CPDPruningHook: the runner's side of a :class:`PruningSession`."""
 import gc
+import inspect
 import os.path as osp
 from typing import Sequence
 
@@ -195,3 +196,17 @@ class CPDPruningHook(Hook):
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         self._state = checkpoint.get(STATE_KEY)
+
+
+def _signature():
+    """The hook's real keyword arguments (its own and the session's), for
+    ``inspect`` and the tools that check config keys against them."""
+    own = [p for p in inspect.signature(CPDPruningHook.__init__).parameters
+           .values() if p.kind != p.VAR_KEYWORD]
+    session = inspect.signature(PruningSession.__init__).parameters
+    return inspect.Signature(own + [
+        p.replace(kind=p.KEYWORD_ONLY) for n, p in session.items()
+        if n in PruningSession.options()])
+
+
+CPDPruningHook.__init__.__signature__ = _signature()

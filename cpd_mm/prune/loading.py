@@ -31,7 +31,7 @@ from ..comb import comb_model
 from ..comb.surgery import structural_copy
 from .hook import STATE_KEY
 from .plan import PLAN_META_KEY, PlanMismatchError, apply_plan
-from .shrink import source_keep
+from ..distill.shrink import base_keep_from_comb
 
 __all__ = ['CPDRunner', 'apply_checkpoint_plan', 'checkpoint_plan']
 
@@ -106,12 +106,15 @@ def apply_checkpoint_plan(model: nn.Module, path: str, checkpoint: dict,
         if kind == 'shrunk' and follow is not None and \
                 not (self_teacher and load_weights):
             # the teacher keeps its size: the distiller follows the student
-            follow(source_keep(comb, comb.kept_from_plan(plan)))
+            follow(base_keep_from_comb(comb, comb.kept_from_plan(plan)))
         if load_weights:
             _load_strict(target, _strip(state), path)
-    if self_teacher and load_weights:
+    # a 'self' teacher is the pruned student's copy, except when a shrunk
+    # run resumes: its teacher stayed the unpruned model
+    if self_teacher and (load_weights or kind != 'shrunk'):
         apply_plan(model.teacher, plan)
-        model.sync_teacher()
+        if load_weights:
+            model.sync_teacher()
     return plan
 
 

@@ -35,7 +35,8 @@ from .importance import (IMPORTANCE_TYPES, ImportanceAccumulator,
 from . import preflight
 from .plan import make_plan
 from .schedule import RANKINGS, select_channels, sparsity_at
-from .shrink import map_channels, shrink_student, source_keep
+from ..distill.shrink import base_keep_from_comb
+from .shrink import map_channels, shrink_student
 from .snapshot import PrunedCheckError, check_pruned, example_input
 
 SHRINK_MODES = ('step', 'end', 'never')
@@ -341,7 +342,7 @@ class PruningSession:
         prefix = next(n for n, m in owner.named_modules()
                       if m is self.student)
         comb, kept = self.comb, kept_now
-        base_keep = source_keep(self.base, self.kept)
+        base_keep = base_keep_from_comb(self.base, self.kept)
 
         def surgery(model):
             prune_model(model.get_submodule(prefix) if prefix else model,

@@ -292,24 +292,3 @@ def rewrap_ddp(wrapper: nn.Module) -> nn.Module:
     if hasattr(wrapper, 'detect_anomalous_params'):  # mmengine's
         kwargs['detect_anomalous_params'] = wrapper.detect_anomalous_params
     return type(wrapper)(module=wrapper.module, **kwargs)
-
-
-def source_keep(base, kept: np.ndarray):
-    """``keep(path, kind)`` for a distiller to follow a shrink: per call
-    and tensor of the original student's module ``path`` (its 'output' or
-    'input', as ``base``, the original comb, traced them), a bool mask over
-    the tensor's original channels, True where still present (None:
-    nothing removed or no channels)."""
-    def keep(path, kind):
-        out = []
-        for call in base.io_channels(path, kind):
-            row = []
-            for entry in call:
-                mask = None
-                if entry is not None:
-                    ids = np.asarray(entry[1])
-                    mask = kept[np.maximum(ids, 0)] | (ids < 0)
-                row.append(None if mask is None or mask.all() else mask)
-            out.append(row)
-        return out
-    return keep
