@@ -51,10 +51,12 @@ def _run(work_dir, shrink, optim):
     return runner, hook, ema.module
 
 
-@pytest.mark.parametrize('optim', list(OPTIMS))
-def test_shrunk_training_ends_where_masked_training_does(tmp_path, optim):
+@pytest.mark.parametrize('optim,shrink', [(o, 'step') for o in OPTIMS] +
+                         [('sgd', 'end')])
+def test_shrunk_training_ends_where_masked_training_does(tmp_path, optim,
+                                                         shrink):
     r_mask, h_mask, ema_mask = _run(str(tmp_path / 'mask'), 'never', optim)
-    r_cut, h_cut, ema_cut = _run(str(tmp_path / 'cut'), 'step', optim)
+    r_cut, h_cut, ema_cut = _run(str(tmp_path / 'cut'), shrink, optim)
     assert np.array_equal(h_mask.kept, h_cut.kept)  # the same selection
     assert (~h_cut.kept).any() and h_cut.physical
     assert h_cut.gates is None and not h_cut.scorer.active  # nothing left
