@@ -48,14 +48,10 @@ class CPDPruningHook(Hook):
             docs/hook_reference.md.
 
     Note:
-        With ``shrink='step'`` (default) or ``'end'``, the student's
-        parameters, their gradients and optimizer state, EMA copies and the
-        DDP wrapper follow the smaller student; checkpoints written after a
-        shrink hold the plan, and ``CPDRunner`` rebuilds the smaller student
-        on ``--resume``. Masks, scores and the step count are saved in every
-        checkpoint under ``'cpd_pruning'``. Under DDP each iteration's
-        scores are all-reduced, so every rank masks the same channels.
-        Priority NORMAL runs the pruning step before the CheckpointHook.
+        Checkpoints hold the session's state (masks, scores, plan; the
+        shrunk student's weights after a shrink: ``CPDRunner`` rebuilds it
+        on ``--resume``). Priority NORMAL runs the pruning step before the
+        CheckpointHook. See docs/hook_reference.md.
     """
     priority = 'NORMAL'
 

@@ -29,14 +29,14 @@ import torch.nn as nn
 from mmengine.dist import all_reduce, is_distributed
 
 from ..comb import ChannelGates, comb_model, prune_model
+from ..distill.shrink import base_keep_from_comb
+from . import preflight
 from .cost import METRICS, CostModel
 from .importance import (IMPORTANCE_TYPES, ImportanceAccumulator,
                          normalise_by_memory)
-from . import preflight
 from .plan import make_plan
 from .schedule import RANKINGS, select_channels, sparsity_at
-from ..distill.shrink import base_keep_from_comb
-from .shrink import map_channels, shrink_student
+from .shrink import TrainingState, map_channels, shrink_student
 from .snapshot import PrunedCheckError, check_pruned, example_input
 
 SHRINK_MODES = ('step', 'end', 'never')
@@ -51,31 +51,63 @@ def _check(ok, name, expected, value):
         raise ValueError(f'`{name}` must be {expected}, but got {value!r}')
 
 
-class TrainingState:
-    """What training holds on the student's parameters, for a shrink.
-
-    Args:
-        optimizers: torch optimizers over the student (their state and
-            param groups follow the new parameters).
-        averaged: averaged copies of ``owner`` (mmengine EMA models).
-        owner: the module holding the student (a distiller, or the student
-            itself); None: the student.
-        rewrap: called after a shrink, to rebuild what holds the old
-            parameters (a DDP wrapper), or None.
-    """
-
-    def __init__(self, optimizers: Sequence = (), averaged: Sequence = (),
-                 owner: Optional[nn.Module] = None,
-                 rewrap: Optional[Callable[[], None]] = None):
-        self.optimizers, self.averaged = list(optimizers), list(averaged)
-        self.owner, self.rewrap = owner, rewrap
-
-
 class PruningSession:
     """Prune ``student`` with the CPD method while it trains.
 
-    Args are those of :class:`~cpd_mm.prune.CPDPruningHook` (see there),
-    plus ``logger`` (an object with ``info``/``warning``; default: print).
+    Args:
+        target_sparsity (float): fraction of the model's parameters (FLOPs,
+            latency with ``target='flops'`` / ``'latency'``) to remove,
+            counted on the deployed structure, in (0, 1). Default: 0.5.
+        target (str): 'params', 'flops' or 'latency' (predicted by a
+            latency table measured on the deployment runtime before
+            training, see ``latency_shape``). Default: 'params'.
+        interval (int): iterations between pruning steps. Default: 10.
+        begin_iter (int): iteration of the first pruning step. Default: 0.
+        end_iter (int, optional): iteration by which the target is reached
+            (linear ramp). Default: ``begin_iter + 10 * interval``.
+        importance (str): 'hessian' (the paper's practical score),
+            'hessian_fd' (the paper's finite-difference variant: two more
+            forward/backward passes per iteration), 'taylor', 'l1' or
+            'random'. Default: 'hessian'.
+        ranking (str): 'cost': remove what has the least importance per
+            unit of the target it saves (marginal costs, re-measured as
+            widths shrink); 'score': the lowest scores first (the paper's
+            selection, with memory-normalised scores). Default: 'cost'.
+        memory_norm (bool, optional): divide scores by the activation memory
+            of the channel's group (the paper's proxy for cost). Default:
+            None, i.e. True with ``ranking='score'``, False with 'cost'.
+        max_removal (float): the largest share of a group's channels that
+            may go, in (0, 1]; every group keeps the rest. Default: 0.8.
+        exclude (Sequence[str]): conv/linear module names (of the student)
+            whose output channels are never pruned. The model's outputs
+            (classifier / decode layer) are always kept. Default: ().
+        input_shape (Sequence[int]): example input for combing. Default:
+            (1, 3, 224, 224).
+        min_channels (int): channels every group keeps at least. Default: 1.
+        round_to (int): every producing module keeps a multiple of
+            ``round_to`` of its output channels (or all of them), e.g. 8 or
+            16 for the vector width of the deployment runtime; the branches
+            of a concat count one by one. Groups of ``round_to`` channels or
+            fewer are not pruned. Default: 1.
+        seed (int): seed of the 'random' importance. Default: 0.
+        latency_shape (Sequence[int], optional): input shape the latency
+            table is measured at (the deployment size). Default:
+            ``input_shape``.
+        latency_providers (Sequence[str], optional): onnxruntime providers;
+            default: CUDA/TensorRT when available, else CPU.
+        latency_threads (int): onnxruntime threads for the table. Default: 1.
+        latency_precision (str): precision the table is measured in,
+            'fp32' or 'int8' (graphs quantized as ``tools/export_onnx.py
+            --int8`` does), so that ``target='latency'`` picks the structure
+            that is fastest in the deployed precision. Default: 'fp32'.
+        shrink (str): 'step': remove the masked channels from the student
+            physically after every pruning step (the optimizer state,
+            gradients, EMA copies and DDP wrapper follow, see
+            :mod:`~cpd_mm.prune.shrink`); 'end': once, when the target is
+            reached; 'never': masks only, the student keeps its size.
+            Default: 'step'.
+        logger: an object with ``info`` and ``warning`` (a runner's
+            logger), or None (print).
     """
 
     def __init__(self, student: nn.Module, target_sparsity: float = 0.5,

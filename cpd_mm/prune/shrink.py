@@ -31,6 +31,26 @@ GRADIENT_STATE = {'momentum_buffer': -1, 'exp_avg': -1, 'exp_avg_sq': -2,
                   'sum': -2, 'acc_delta': -2}
 
 
+class TrainingState:
+    """What training holds on the student's parameters, for a shrink.
+
+    Args:
+        optimizers: torch optimizers over the student (their state and
+            param groups follow the new parameters).
+        averaged: averaged copies of ``owner`` (mmengine EMA models).
+        owner: the module holding the student (a distiller, or the student
+            itself); None: the student.
+        rewrap: called after a shrink, to rebuild what holds the old
+            parameters (a DDP wrapper), or None.
+    """
+
+    def __init__(self, optimizers: Sequence = (), averaged: Sequence = (),
+                 owner: Optional[nn.Module] = None,
+                 rewrap: Optional[Callable[[], None]] = None):
+        self.optimizers, self.averaged = list(optimizers), list(averaged)
+        self.owner, self.rewrap = owner, rewrap
+
+
 class ParamMap:
     """Where a new parameter's entries come from: ``flat[index] * scale``
     of the old parameter ``source`` (``scale`` None: a pure selection)."""
