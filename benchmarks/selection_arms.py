@@ -3,7 +3,9 @@ that go, all run by the same plain PyTorch loop from the same start.
 
 * data: :func:`cpd_mm.datasets.fine_shapes.make_fine_shapes` (24 classes,
   64x64), held in memory; the classifier is MMPretrain's ``ImageClassifier``
-  with a ResNet-18 at a quarter width (16..128 channels);
+  with a ResNet-18 at half width (32..256 channels; at a quarter width its
+  onnxruntime latency is mostly per-op overhead, see
+  docs/selection_benchmark.md);
 * ``train``: SGD, momentum 0.9, weight decay 5e-4, cosine to zero, random
   crop (pad 4) and flip; an optional ``step_hook(it, loss_fn)`` runs after
   every backward (cpd_mm's scoring and pruning steps hang there);
@@ -45,15 +47,18 @@ def load_data(cache_dir, num_train, num_val):
     return tuple(torch.from_numpy(d[k]) for k in ('tx', 'ty', 'vx', 'vy'))
 
 
-def build_model():
+def build_model(width=32):
+    """MMPretrain's ResNet-18 classifier with ``width`` stem and first-stage
+    channels (64 upstream; 32: 32..256, 37 MFLOPs at 64x64)."""
     from mmpretrain.registry import MODELS
     import mmpretrain.models  # noqa: F401  (registers the classes)
     return MODELS.build(dict(
         type='ImageClassifier',
-        backbone=dict(type='ResNet', depth=18, stem_channels=16,
-                      base_channels=16),
+        backbone=dict(type='ResNet', depth=18, stem_channels=width,
+                      base_channels=width),
         neck=dict(type='GlobalAveragePooling'),
-        head=dict(type='LinearClsHead', num_classes=24, in_channels=128)))
+        head=dict(type='LinearClsHead', num_classes=24,
+                  in_channels=8 * width)))
 
 
 def forward(model, x):

@@ -6,7 +6,7 @@ against Torch-Pruning's (TP), on a task where selection matters.
     python benchmarks/selection_grid.py report   # JSON summary + plot
 
 Task ``cls``: :mod:`cpd_mm.datasets.fine_shapes` (24 classes, 64x64, 7200
-train / 2400 val images), a quarter-width ResNet-18 (MMPretrain), trained to
+train / 2400 val images), a half-width ResNet-18 (MMPretrain), trained to
 convergence once (``--base-epochs``); every arm starts from that model, gets
 the same fine-tuning budget (``--epochs``, no distillation in any arm) and
 is evaluated on the same 2400 images. Arms (see ``selection_arms.py``):
@@ -114,8 +114,9 @@ class Grid:
         self.args, self.sa = args, sa
         os.makedirs(args.work_dir, exist_ok=True)
         self.data = sa.load_data(args.work_dir, args.num_train, args.num_val)
-        path = osp.join(args.work_dir, f'baseline_e{args.base_epochs}.pth')
-        self.base = sa.build_model()
+        path = osp.join(args.work_dir, f'baseline_w{args.width}_e'
+                        f'{args.base_epochs}.pth')
+        self.base = sa.build_model(args.width)
         if osp.exists(path):
             self.base.load_state_dict(torch.load(path))
         else:
@@ -132,7 +133,7 @@ class Grid:
 
     def model_path(self, arm, point, seed):
         return osp.join(self.args.work_dir, 'models',
-                        f'{arm}_{point}_{seed}.pth')
+                        f'w{self.args.width}_{arm}_{point}_{seed}.pth')
 
     def start(self):
         import copy
@@ -150,7 +151,8 @@ class Grid:
         import torch
         from cpd_mm.prune import apply_plan
         saved = torch.load(self.model_path(arm, point, seed))
-        model = apply_plan(self.sa.build_model(), saved['plan'])
+        model = apply_plan(self.sa.build_model(self.args.width),
+                           saved['plan'])
         model.load_state_dict(saved['state_dict'])
         return model
 
@@ -196,6 +198,7 @@ class Grid:
                         exist_ok=True)
             torch.save(dict(plan=plan, state_dict=model.state_dict()),
                        self.model_path(arm, point, seed))
+        torch.save(model, final_path(self.args, key(arm, point, seed)))
         score = self.sa.top1(model, self.data)
         ms = self.timer.time([self.base_sess, self.timer.session(model)],
                              runs=self.args.runs)
@@ -209,15 +212,31 @@ class Grid:
         return row
 
 
+def final_path(args, run_key):
+    """Where a run's final model (the whole module) is kept, for
+    ``remeasure``."""
+    path = osp.join(args.work_dir, 'final', run_key.replace('/', '_') +
+                    f'_w{args.width}.pt')
+    os.makedirs(osp.dirname(path), exist_ok=True)
+    return path
+
+
 def setup(args):
-    return dict(num_train=args.num_train, num_val=args.num_val,
+    return dict(width=args.width, num_train=args.num_train,
+                num_val=args.num_val,
                 base_epochs=args.base_epochs, epochs=args.epochs, lr=args.lr,
                 round_to=args.round_to, interval=args.interval, kd='none')
 
 
 def run(args):
-    todo = [j for j in jobs(args)
-            if key(*j) not in read_results(args.results)]
+    done = read_results(args.results)
+    other = {json.dumps(r['setup'], sort_keys=True) for r in done.values()
+             if 'setup' in r} - {json.dumps(setup(args), sort_keys=True)}
+    if other:
+        sys.exit(f'{args.results} holds runs of another setup ({other.pop()}'
+                 f'), not {setup(args)}: pass the same options or another '
+                 '--results')
+    todo = [j for j in jobs(args) if key(*j) not in done]
     print(f'{len(todo)} runs to do ({len(jobs(args)) - len(todo)} done)',
           flush=True)
     if not todo:
@@ -279,8 +298,42 @@ def plot(summary, path):
     fig.savefig(path, dpi=110)
 
 
+def remeasure(args):
+    """Time every kept final model again with the unpruned one, all
+    interleaved, ``--repeats`` times (on a quiet machine); the median ratio
+    per run goes to ``<results>.latency.json``, which ``report`` prefers."""
+    import torch
+    import selection_arms as sa
+    rows = read_results(args.results)
+    keys = [k for k in rows if osp.exists(final_path(args, k))]
+    timer = sa.Timer()
+    sessions = [timer.session(torch.load(final_path(args, k),
+                                         weights_only=False)) for k in keys]
+    base_sess = timer.session(sa.build_model(args.width))
+    reps = []
+    for r in range(args.repeats):
+        ms = timer.time([base_sess] + sessions, runs=args.runs)
+        reps.append([m / ms[0] for m in ms[1:]])
+        print(f'repeat {r + 1}/{args.repeats} done', flush=True)
+    out = {k: dict(rel_latency=statistics.median(rep[i] for rep in reps),
+                   repeats=[rep[i] for rep in reps])
+           for i, k in enumerate(keys)}
+    with open(args.results + '.latency.json', 'w') as f:
+        json.dump(dict(runs=args.runs, repeats=args.repeats,
+                       rel_latency=out), f, indent=1)
+    print(f'remeasured {len(keys)} models')
+
+
 def report(args):
     rows = list(read_results(args.results).values())
+    lat = args.results + '.latency.json'
+    if osp.exists(lat):  # quiet-machine timings, where taken
+        with open(lat) as f:
+            again = json.load(f)['rel_latency']
+        for r in rows:
+            if r['key'] in again:
+                r['rel_latency_run'] = r['rel_latency']
+                r['rel_latency'] = again[r['key']]['rel_latency']
     summary = summarise(rows)
     out = dict(results=osp.relpath(args.results, ROOT), runs=len(rows),
                summary=summary)
@@ -298,19 +351,25 @@ def report(args):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('command', choices=('run', 'report', 'list'))
+    p.add_argument('command', choices=('run', 'report', 'remeasure', 'list'))
+    p.add_argument('--repeats', type=int, default=5,
+                   help='remeasure: interleaved timings of every model')
     p.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2])
     p.add_argument('--points', nargs='+', type=float,
                    default=[0.3, 0.5, 0.7], help='latency share removed')
     p.add_argument('--study-point', type=float, default=0.5)
     p.add_argument('--arms', nargs='+', default=list(ALL_ARMS))
+    p.add_argument('--width', type=int, default=32,
+                   help="the ResNet-18's first-stage channels")
     p.add_argument('--num-train', type=int, default=7200)
     p.add_argument('--num-val', type=int, default=2400)
     p.add_argument('--base-epochs', type=int, default=24)
     p.add_argument('--base-lr', type=float, default=0.1)
     p.add_argument('--epochs', type=int, default=3, help='fine-tuning budget')
     p.add_argument('--lr', type=float, default=0.02)
-    p.add_argument('--round-to', type=int, default=4)
+    p.add_argument('--round-to', type=int, default=16,
+                   help='channel multiple of every arm (onnxruntime CPU '
+                   'blocks of 16)')
     p.add_argument('--interval', type=int, default=16,
                    help="iterations between cpd_mm's pruning steps")
     p.add_argument('--tol', type=float, default=0.03)
@@ -341,6 +400,8 @@ def main(argv=None):
         run(args)
     elif args.command == 'report':
         report(args)
+    elif args.command == 'remeasure':
+        remeasure(args)
     else:
         done = read_results(args.results)
         for j in jobs(args):

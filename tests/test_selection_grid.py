@@ -73,3 +73,8 @@ def test_grid_resumes(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sg, 'Grid', None)
     sg.main(argv)
     assert '0 runs to do (6 done)' in capsys.readouterr().out
+    # a row of another setup: refused, not mixed into the same curves
+    sg.append_result(results, dict(key='cls/x/0.5/0', setup=dict(
+        sg.setup(sg.parse_args(argv)), width=8)))
+    with pytest.raises(SystemExit, match='another setup'):
+        sg.main(argv)
