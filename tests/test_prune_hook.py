@@ -151,6 +151,14 @@ def test_resuming_a_shrunk_student_needs_cpd_runner(tmp_path):
     ckpt = torch.load(osp.join(tmp_path, 'iter_5.pth'), weights_only=False)
     assert ckpt['cpd_pruning']['physical']
     assert ckpt['state_dict']['conv1.weight'].shape[0] < 16
+    # what tools/test.py (CPDRunner's load_from) does with it: the model
+    # of the original config, pruned to the plan, takes the weights
+    from cpd_mm.prune import apply_checkpoint_plan, checkpoint_plan
+    assert checkpoint_plan(ckpt)[1] == 'shrunk'
+    model = HookToyNet()
+    apply_checkpoint_plan(model, 'iter_5.pth', ckpt)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, ckpt['state_dict'][k]), k
     with pytest.raises(ValueError, match='resume it with CPDRunner'):
         make_runner(str(tmp_path), 14, resume=True,
                     runner_type=Runner).train()
