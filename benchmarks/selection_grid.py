@@ -270,12 +270,14 @@ def summarise(rows):
     return out
 
 
-def plot(summary, path):
+def plot(summary, path, arms, title):
+    """Top-1 against measured latency, one curve per arm of ``arms``,
+    the same-budget unpruned reference marked."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for arm in sorted({s['arm'] for s in summary} - {'reference'}):
+    for arm in [a for a in arms if any(s['arm'] == a for s in summary)]:
         pts = sorted((s for s in summary if s['arm'] == arm),
                      key=lambda s: s['rel_latency_mean'])
         ax.errorbar([s['rel_latency_mean'] for s in pts],
@@ -291,7 +293,7 @@ def plot(summary, path):
                     label=f'unpruned, same budget ({s["top1_mean"]:.1f})')
     ax.set_xlabel('measured latency / unpruned (onnxruntime, CPU, 1 thread)')
     ax.set_ylabel('top-1 (%), mean over seeds; bars: min-max')
-    ax.set_title('fine_shapes (24 classes, 64x64): accuracy at latency')
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -339,7 +341,11 @@ def report(args):
                summary=summary)
     with open(args.json, 'w') as f:
         json.dump(out, f, indent=1)
-    plot(summary, args.plot)
+    plot(summary, args.plot, MAIN_ARMS, 'fine_shapes (24 classes, 64x64): '
+         'top-1 at measured latency')
+    plot(summary, args.plot.replace('.png', '_study.png'),
+         ('cpd_mm', *STUDY_ARMS, *TP_ARMS, *TP_STUDY),
+         f'options at {args.study_point:.0%} of the latency removed')
     print('| arm | point | seeds | top-1 mean (min-max) | latency / base |')
     print('|---|---|---|---|---|')
     for s in summary:
