@@ -24,7 +24,8 @@ is evaluated on the same 2400 images. Arms (see ``selection_arms.py``):
 * cpd_mm's options, at ``--study-point`` only: ``cpd_paper`` (ranking by
   memory-normalised score: the paper's selection), ``cpd_memnorm`` (cost
   ranking of memory-normalised scores), ``cpd_mean`` (mean over coupled
-  layers), ``cpd_taylor``, ``cpd_hessian_fd``; and TP's other group
+  layers), ``cpd_taylor``, ``cpd_hessian_fd``, ``cpd_score`` (the raw
+  score's global order, no cost); and TP's other group
   reductions and normalisers (``tp_<importance>_sum``: summed over coupled
   layers; ``tp_<importance>_nonorm``: not normalised per group).
 
@@ -53,6 +54,7 @@ STUDY_ARMS = {
     'cpd_mean': dict(reduce='mean'),
     'cpd_taylor': dict(importance='taylor'),
     'cpd_hessian_fd': dict(importance='hessian_fd'),
+    'cpd_score': dict(ranking='score'),  # global score order, no cost
 }
 # TP's other group reductions and normalisers, at --study-point only
 TP_STUDY = {f'tp_{kind}_{name}': (kind, opts)
