@@ -170,21 +170,25 @@ def measure_shrink(name, iters):
                     teardown(state)
         return out
 
-    def scorer_on(m):
-        comb = comb_model(m, input_shape=(1, 3, size, size), verify=False)
-        return (lambda: ImportanceAccumulator(m, comb, 'hessian'),
-                lambda sc: sc.remove())
+    def scoring_overhead(key):
+        """The score hooks on ``model`` as it is now, against none."""
+        comb = comb_model(model, input_shape=(1, 3, size, size),
+                          verify=False)
+        plain, scored = blocks([
+            (model, optim, None, None),
+            (model, optim, lambda: ImportanceAccumulator(model, comb,
+                                                         'hessian'),
+             lambda sc: sc.remove())])
+        a, b = statistics.median(plain), statistics.median(scored)
+        res.update({f'{key}_median_s_without': a,
+                    f'{key}_median_s_scoring': b,
+                    f'overhead_while_pruning_{key}': b / a - 1})
 
     for _ in range(5):
         model.train_step(data, optim)  # warm-up
     res = dict(model=f'{name} ({size}x{size}, batch {len(data["inputs"])})',
                threads=torch.get_num_threads(), clock=clock.__name__)
-    on, off = scorer_on(model)
-    plain, scored = blocks([(model, optim, None, None),
-                            (model, optim, on, off)])
-    a, b = statistics.median(plain), statistics.median(scored)
-    res.update(full_median_s_without=a, full_median_s_scoring=b,
-               overhead_while_pruning_full=b / a - 1)
+    scoring_overhead('full')
     # prune to half the parameters in four steps, scored by real gradients
     session = PruningSession(model, target_sparsity=0.5, interval=1,
                              begin_iter=1, end_iter=4,
@@ -199,12 +203,7 @@ def measure_shrink(name, iters):
     assert session.finished and session.physical
     res.update(step_s=statistics.median(steps[:-1]),
                final_step_s=steps[-1], sparsity=session.sparsity())
-    on, off = scorer_on(model)
-    plain, scored = blocks([(model, optim, None, None),
-                            (model, optim, on, off)])
-    a, b = statistics.median(plain), statistics.median(scored)
-    res.update(half_median_s_without=a, half_median_s_scoring=b,
-               overhead_while_pruning_half=b / a - 1)
+    scoring_overhead('half')
     # the same structure built from the plan, loaded with the weights
     twin = build(name)[0]
     apply_plan(twin, session.plan())

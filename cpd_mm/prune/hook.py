@@ -110,6 +110,7 @@ class CPDPruningHook(Hook):
             s.shrink = 'never'
         s.setup(self._state, getattr(runner, 'cpd_base_student', None))
         runner.cpd_base_student = None  # combed: its memory can go
+        self._train_state = self._training(runner)  # once, not per iter
         self.ready = True
 
     def _training(self, runner) -> TrainingState:
@@ -152,7 +153,7 @@ class CPDPruningHook(Hook):
         if not self.ready:
             return
         s = self.session
-        changed = s.after_iter(runner.iter + 1, self._training(runner),
+        changed = s.after_iter(runner.iter + 1, self._train_state,
                                getattr(self, '_inv_scale', None))
         for v in self.save_at:
             if changed and v not in s.saved and s.sparsity() >= v - 1e-3:
