@@ -1,14 +1,11 @@
 """The arms of ``selection_grid.py``: one way each of choosing the channels
-that go, all run by the same plain PyTorch loop from the same start.
+that go, all run by the same plain PyTorch loop from the same start, for
+any task module (``selection_task_<task>.py``: data, model, loss, metric;
+see ``selection_task_cls.py``).
 
-* data: :func:`cpd_mm.datasets.fine_shapes.make_fine_shapes` (24 classes,
-  64x64), held in memory; the classifier is MMPretrain's ``ImageClassifier``
-  with a ResNet-18 at half width (32..256 channels; at a quarter width its
-  onnxruntime latency is mostly per-op overhead, see
-  docs/selection_benchmark.md);
-* ``train``: SGD, momentum 0.9, weight decay 5e-4, cosine to zero, random
-  crop (pad 4) and flip; an optional ``step_hook(it, loss_fn)`` runs after
-  every backward (cpd_mm's scoring and pruning steps hang there);
+* ``train``: SGD, momentum 0.9, weight decay 5e-4, cosine to zero, the
+  task's augmented batches; an optional ``step_hook(it, loss_fn)`` runs
+  after every backward (cpd_mm's scoring and pruning steps hang there);
 * ``cpd_prune``: what ``CPDPruningHook`` does in a runner (comb, gates,
   importance accumulated every iteration, a pruning step every ``interval``
   iterations on a linear ramp, ``select_channels`` towards a latency target
@@ -24,112 +21,35 @@ import tempfile
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-SHAPE = (64, 64)
+# CPDPruningHook's defaults
 CPD_OPTIONS = dict(importance='hessian', ranking='cost', memory_norm=False,
-                   reduce='sum')  # CPDPruningHook's defaults
+                   reduce='sum')
 
 
-# ------------------------------------------------------------ data, model
-def load_data(cache_dir, num_train, num_val):
-    """``(train_x, train_y, val_x, val_y)`` uint8 / int64 tensors, drawn
-    once and cached as ``.npz`` under ``cache_dir``."""
-    from cpd_mm.datasets.fine_shapes import make_fine_shapes
-    path = osp.join(cache_dir, f'fine_shapes_{num_train}_{num_val}.npz')
-    if not osp.exists(path):
-        tx, ty = make_fine_shapes('train', num_train, size=SHAPE[0])
-        vx, vy = make_fine_shapes('val', num_val, size=SHAPE[0])
-        np.savez(path + '.tmp.npz', tx=tx, ty=ty, vx=vx, vy=vy)
-        import os
-        os.replace(path + '.tmp.npz', path)
-    d = np.load(path)
-    return tuple(torch.from_numpy(d[k]) for k in ('tx', 'ty', 'vx', 'vy'))
-
-
-def build_model(width=32):
-    """MMPretrain's ResNet-18 classifier with ``width`` stem and first-stage
-    channels (64 upstream; 32: 32..256, 37 MFLOPs at 64x64)."""
-    from mmpretrain.registry import MODELS
-    import mmpretrain.models  # noqa: F401  (registers the classes)
-    return MODELS.build(dict(
-        type='ImageClassifier',
-        backbone=dict(type='ResNet', depth=18, stem_channels=width,
-                      base_channels=width),
-        neck=dict(type='GlobalAveragePooling'),
-        head=dict(type='LinearClsHead', num_classes=24,
-                  in_channels=8 * width)))
-
-
-def forward(model, x):
-    return model(x, mode='tensor')
-
-
-def _normalise(x):
-    return (x.float() - 127.5) / 64.0
-
-
-def _augment(x, gen):
-    """Random crop (zero pad 4) and horizontal flip, per image."""
-    n, _, h, w = x.shape
-    pad = F.pad(x, (4, 4, 4, 4))
-    dy = torch.randint(0, 9, (n, ), generator=gen)
-    dx = torch.randint(0, 9, (n, ), generator=gen)
-    rows = (dy[:, None] + torch.arange(h))[:, None, :, None]
-    cols = (dx[:, None] + torch.arange(w))[:, None, None, :]
-    out = pad[torch.arange(n)[:, None, None, None],
-              torch.arange(3)[None, :, None, None], rows, cols]
-    flip = torch.rand(n, generator=gen) < 0.5
-    out[flip] = out[flip].flip(-1)
-    return out
-
-
-def batches(x, y, batch, gen):
-    perm = torch.randperm(len(x), generator=gen)
-    for i in range(0, len(x) - batch + 1, batch):  # drop the last
-        idx = perm[i:i + batch]
-        yield _augment(_normalise(x[idx]), gen), y[idx]
-
-
-def train(model, data, epochs, lr, seed, batch=64, step_hook=None):
+def train(task, model, data, epochs, lr, seed, batch=None, step_hook=None):
     """Train in place; ``step_hook(it, loss_fn)`` after each backward,
     before the update (``loss_fn()`` recomputes the batch's loss)."""
-    tx, ty = data[0], data[1]
+    batch = batch or task.DEFAULTS['batch']
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr, momentum=0.9, weight_decay=5e-4)
-    total = epochs * (len(tx) // batch)
+    total = epochs * (len(data[0]) // batch)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total)
     model.train()
     it = 0
     for _ in range(epochs):
-        for xb, yb in batches(tx, ty, batch, gen):
-            loss = F.cross_entropy(forward(model, xb), yb)
+        for xb, yb in task.batches(data, batch, gen):
+            loss = task.loss(model, xb, yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             it += 1
             if step_hook is not None:
-                step_hook(it, lambda xb=xb, yb=yb: F.cross_entropy(
-                    forward(model, xb), yb))
+                step_hook(it, lambda xb=xb, yb=yb: task.loss(model, xb, yb))
             opt.step()
             sched.step()
     return model
-
-
-@torch.no_grad()
-def top1(model, data, batch=256):
-    vx, vy = data[2], data[3]
-    model.eval()
-    right = sum(int((forward(model, _normalise(vx[i:i + batch])).argmax(1)
-                     == vy[i:i + batch]).sum())
-                for i in range(0, len(vx), batch))
-    return 100.0 * right / len(vx)
-
-
-def example(batch=1):
-    return torch.randn(batch, 3, *SHAPE,
-                       generator=torch.Generator().manual_seed(0))
 
 
 # ------------------------------------------------------------ cpd_mm
@@ -143,7 +63,7 @@ def _sites_per_channel(comb, scorer):
     return np.maximum(n, 1)
 
 
-def cpd_prune(model, data, target, epochs, lr, seed, round_to, table,
+def cpd_prune(task, model, data, target, epochs, lr, seed, round_to, table,
               importance='hessian', ranking='cost', memory_norm=False,
               reduce='sum', interval=16, ramp=0.4):
     """Fine-tune ``model`` for ``epochs`` while pruning it as
@@ -159,14 +79,14 @@ def cpd_prune(model, data, target, epochs, lr, seed, round_to, table,
                               prune_model, select_channels)
     from cpd_mm.prune.importance import normalise_by_memory
     from cpd_mm.prune.schedule import sparsity_at
-    comb = comb_model(model, input_shape=(1, 3, *SHAPE))
+    comb = comb_model(model, input_shape=(1, 3, *task.SHAPE))
     cost = CostModel(model, comb, table)
     gates = ChannelGates(model, comb)
     scorer = ImportanceAccumulator(model, comb, importance, seed)
     per_site = _sites_per_channel(comb, scorer)
-    unscored = scorer.find_unscored(model, example())
+    unscored = scorer.find_unscored(model, task.example())
     total = cost.total('latency')
-    end = int(ramp * epochs * (len(data[0]) // 64))
+    end = int(ramp * epochs * (len(data[0]) // task.DEFAULTS['batch']))
     state = dict(kept=np.ones(comb.num_channels, dtype=bool), steps=0,
                  scoring=True)
 
@@ -197,7 +117,7 @@ def cpd_prune(model, data, target, epochs, lr, seed, round_to, table,
             state['scoring'] = False
             scorer.remove()
 
-    train(model, data, epochs, lr, seed, step_hook=step_hook)
+    train(task, model, data, epochs, lr, seed, step_hook=step_hook)
     scorer.remove()
     kept = state['kept']
     plan = make_plan(comb, kept, model)
@@ -207,45 +127,39 @@ def cpd_prune(model, data, target, epochs, lr, seed, round_to, table,
                              total, steps=state['steps'])
 
 
-def latency_table(model, cache_dir):
+def latency_table(task, model):
     from cpd_mm.deploy.latency_table import LatencyTable
-    return LatencyTable.build(model, (1, 3, *SHAPE), threads=1)
+    return LatencyTable.build(model, (1, 3, *task.SHAPE), threads=1)
 
 
 # ------------------------------------------------------------ Torch-Pruning
 TP_IMPORTANCES = ('taylor', 'hessian', 'magnitude')
 
 
-def tp_statistics(model, data, kind, seed, batches_=4, samples=64):
+def tp_statistics(task, model, data, kind, seed, batches_=4, samples=64):
     """What TP's importance needs from the loss, from the start model:
-    summed gradients over ``batches_`` batches ('taylor') or per-sample
-    squared gradients summed over ``samples`` images ('hessian', TP's OBD
-    estimate)."""
+    summed gradients over ``batches_`` training batches ('taylor') or
+    per-sample squared gradients summed over ``samples`` training images
+    ('hessian', TP's OBD estimate)."""
     if kind == 'magnitude':
         return None
     m = copy.deepcopy(model).eval()  # eval: no BN statistics move
     gen = torch.Generator().manual_seed(seed)
-    tx, ty = data[0], data[1]
-    idx = torch.randperm(len(tx), generator=gen)
     stats = {n: torch.zeros_like(p) for n, p in m.named_parameters()}
-    if kind == 'taylor':
-        for b in range(batches_):
-            sel = idx[b * 64:(b + 1) * 64]
-            m.zero_grad()
-            F.cross_entropy(forward(m, _normalise(tx[sel])), ty[sel]).backward()
-            for n, p in m.named_parameters():
-                stats[n] += p.grad
-    else:
-        for i in idx[:samples].tolist():
-            m.zero_grad()
-            F.cross_entropy(forward(m, _normalise(tx[i:i + 1])),
-                            ty[i:i + 1]).backward()
-            for n, p in m.named_parameters():
-                stats[n] += p.grad.pow(2)
+    size, count = (task.DEFAULTS['batch'], batches_) if kind == 'taylor' \
+        else (1, samples)
+    for b, (xb, yb) in enumerate(task.batches(data, size, gen)):
+        if b == count:
+            break
+        m.zero_grad()
+        task.loss(m, xb, yb).backward()
+        for n, p in m.named_parameters():
+            if p.grad is not None:
+                stats[n] += p.grad if kind == 'taylor' else p.grad.pow(2)
     return stats
 
 
-def tp_prune(model, kind, ratio, stats, round_to, **imp_options):
+def tp_prune(task, model, kind, ratio, stats, round_to, **imp_options):
     """A pruned copy of ``model``: TP's MetaPruner, global pruning,
     ``pruning_ratio=ratio``, the classifier ignored; the importance with
     TP's defaults (mean over the group, mean-normalised) unless
@@ -271,9 +185,10 @@ def tp_prune(model, kind, ratio, stats, round_to, **imp_options):
             imp._accu_grad[p] = stats[n].clone()
             imp._counter[p] = 1
     pruner = tp.pruner.MetaPruner(
-        m, example(), importance=imp, pruning_ratio=ratio,
-        global_pruning=True, round_to=round_to, ignored_layers=[m.head.fc],
-        forward_fn=forward)
+        m, task.example(), importance=imp, pruning_ratio=ratio,
+        global_pruning=True, round_to=round_to,
+        ignored_layers=task.tp_ignored_layers(m),
+        forward_fn=getattr(task, 'tp_forward', task.forward))
     pruner.step()
     m.zero_grad(set_to_none=True)
     return m, pruner.pruning_history()
@@ -283,7 +198,8 @@ def tp_prune(model, kind, ratio, stats, round_to, **imp_options):
 class Timer:
     """onnxruntime sessions (CPU, one thread), timed interleaved."""
 
-    def __init__(self):
+    def __init__(self, task):
+        self.task = task
         self.tmp = tempfile.TemporaryDirectory()
         self.n = 0
 
@@ -291,11 +207,12 @@ class Timer:
         from cpd_mm.deploy import create_session, export_onnx
         self.n += 1
         path = osp.join(self.tmp.name, f'm{self.n}.onnx')
-        export_onnx(copy.deepcopy(model).eval(), path, SHAPE, force=True)
+        export_onnx(copy.deepcopy(model).eval(), path, self.task.SHAPE,
+                    force=True)
         return create_session(path, ['CPUExecutionProvider'], threads=1)
 
     def time(self, sessions, runs=300, warmup=30):
         from cpd_mm.deploy import benchmark_sessions
-        x = example().numpy().astype(np.float32)
+        x = self.task.example().numpy().astype(np.float32)
         return [s['median_ms'] for s in benchmark_sessions(
             sessions, x, runs, warmup, progress=False)]

@@ -45,23 +45,37 @@ import time
 os.environ.setdefault('OMP_NUM_THREADS', '1')
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+from selection_arms import CPD_OPTIONS  # noqa: E402
 
-TP_ARMS = ('tp_taylor', 'tp_hessian', 'tp_magnitude')
+# TP's importances with each group reduction / normaliser: TP's defaults
+# (mean over coupled layers, mean-normalised per group), '_sum' (summed over
+# coupled layers), '_nonorm' (no per-group normaliser)
+TP_OPTIONS = {f'tp_{kind}{suffix}': (kind, opts)
+              for kind in ('taylor', 'hessian', 'magnitude')
+              for suffix, opts in (('', {}),
+                                   ('_sum', dict(group_reduction='sum')),
+                                   ('_nonorm', dict(normalizer=None)))}
+# the main grid's TP arms: each importance with its best setting in the
+# option study at 50% (docs/selection_benchmark.md)
+TP_ARMS = ('tp_taylor', 'tp_hessian_nonorm', 'tp_magnitude_nonorm')
+TP_STUDY = tuple(a for a in TP_OPTIONS if a not in TP_ARMS)
 MAIN_ARMS = ('cpd_mm', ) + TP_ARMS
+# cpd_mm's options, each a change of the default (selection_arms.CPD_OPTIONS)
 STUDY_ARMS = {
-    'cpd_paper': dict(ranking='score', memory_norm=True),
+    # the paper's selection: batch-gradient Hessian score, memory-normalised,
+    # ranked by score
+    'cpd_paper': dict(importance='hessian', ranking='score',
+                      memory_norm=True),
+    'cpd_hessian': dict(importance='hessian'),  # batch-gradient estimator
+    'cpd_fisher': dict(importance='fisher'),  # per-sample estimator
     'cpd_memnorm': dict(memory_norm=True),
     'cpd_mean': dict(reduce='mean'),
     'cpd_taylor': dict(importance='taylor'),
     'cpd_hessian_fd': dict(importance='hessian_fd'),
     'cpd_score': dict(ranking='score'),  # global score order, no cost
 }
-# TP's other group reductions and normalisers, at --study-point only
-TP_STUDY = {f'tp_{kind}_{name}': (kind, opts)
-            for kind in ('taylor', 'hessian', 'magnitude')
-            for name, opts in (('sum', dict(group_reduction='sum')),
-                               ('nonorm', dict(normalizer=None)))}
-TP_OPTIONS = dict({a: (a[3:], {}) for a in TP_ARMS}, **TP_STUDY)
+STUDY_ARMS = {a: o for a, o in STUDY_ARMS.items()
+              if any(CPD_OPTIONS.get(k) != v for k, v in o.items())}
 ALL_ARMS = ('reference', *MAIN_ARMS, *STUDY_ARMS, *TP_STUDY)
 
 
@@ -82,6 +96,12 @@ def jobs(args):
 
 def key(arm, point, seed, task='cls'):
     return f'{task}/{arm}/{point}/{seed}'
+
+
+def load_task(name):
+    """The task module ``selection_task_<name>.py``."""
+    import importlib
+    return importlib.import_module(f'selection_task_{name}')
 
 
 def read_results(path):
@@ -114,28 +134,31 @@ class Grid:
         import torch
         import selection_arms as sa
         self.args, self.sa = args, sa
+        self.task = task = load_task(args.task)
         os.makedirs(args.work_dir, exist_ok=True)
-        self.data = sa.load_data(args.work_dir, args.num_train, args.num_val)
-        path = osp.join(args.work_dir, f'baseline_w{args.width}_e'
-                        f'{args.base_epochs}.pth')
-        self.base = sa.build_model(args.width)
+        self.data = task.load_data(args.work_dir, args.num_train,
+                                   args.num_val)
+        path = osp.join(args.work_dir, f'{args.task}_baseline_w{args.width}'
+                        f'_n{args.num_train}_e{args.base_epochs}.pth')
+        self.base = task.build_model(args.width)
         if osp.exists(path):
             self.base.load_state_dict(torch.load(path))
         else:
             t = time.time()
-            sa.train(self.base, self.data, args.base_epochs, args.base_lr,
-                     seed=1234)
-            torch.save(self.base.state_dict(), path)
+            sa.train(task, self.base, self.data, args.base_epochs,
+                     args.base_lr, seed=1234)
+            torch.save(self.base.state_dict(), path + '.tmp')
+            os.replace(path + '.tmp', path)
             print(f'baseline trained in {time.time() - t:.0f} s', flush=True)
-        self.base_top1 = sa.top1(self.base, self.data)
-        print(f'baseline top-1 {self.base_top1:.2f}', flush=True)
-        self.table = sa.latency_table(self.base, args.work_dir)
-        self.timer = sa.Timer()
+        self.base_score = task.evaluate(self.base, self.data)
+        print(f'baseline {task.METRIC} {self.base_score:.2f}', flush=True)
+        self.table = sa.latency_table(task, self.base)
+        self.timer = sa.Timer(task)
         self.base_sess = self.timer.session(self.base)
 
     def model_path(self, arm, point, seed):
-        return osp.join(self.args.work_dir, 'models',
-                        f'w{self.args.width}_{arm}_{point}_{seed}.pth')
+        return osp.join(self.args.work_dir, 'models', f'{self.args.task}_w'
+                        f'{self.args.width}_{arm}_{point}_{seed}.pth')
 
     def start(self):
         import copy
@@ -144,8 +167,8 @@ class Grid:
     def cpd(self, arm, point, seed):
         opts = dict(self.sa.CPD_OPTIONS, **STUDY_ARMS.get(arm, {}))
         model, plan, info = self.sa.cpd_prune(
-            self.start(), self.data, point, self.args.epochs, self.args.lr,
-            seed, self.args.round_to, self.table,
+            self.task, self.start(), self.data, point, self.args.epochs,
+            self.args.lr, seed, self.args.round_to, self.table,
             interval=self.args.interval, **opts)
         return model, dict(info, options=opts, plan=plan)
 
@@ -153,7 +176,7 @@ class Grid:
         import torch
         from cpd_mm.prune import apply_plan
         saved = torch.load(self.model_path(arm, point, seed))
-        model = apply_plan(self.sa.build_model(self.args.width),
+        model = apply_plan(self.task.build_model(self.args.width),
                            saved['plan'])
         model.load_state_dict(saved['state_dict'])
         return model
@@ -161,12 +184,19 @@ class Grid:
     def tp(self, arm, point, seed):
         """Bisect TP's ratio to the cpd_mm model's measured latency."""
         sa, (kind, imp_options) = self.sa, TP_OPTIONS[arm]
+        if not osp.exists(self.model_path('cpd_mm', point, seed)):
+            raise FileNotFoundError(
+                f"{arm} is matched to cpd_mm's model of point {point}, seed "
+                f"{seed}, which is not in {self.args.work_dir}: delete "
+                f"cpd_mm's line of that run from {self.args.results} and run "
+                'again')
         target = self.timer.session(self.load_pruned('cpd_mm', point, seed))
-        stats = sa.tp_statistics(self.base, self.data, kind, seed)
+        stats = sa.tp_statistics(self.task, self.base, self.data, kind,
+                                 seed)
         lo, hi, best, trials = 0.0, 0.95, None, []
         for _ in range(self.args.max_bisect):
             ratio = round((lo + hi) / 2, 4)
-            model, _ = sa.tp_prune(self.base, kind, ratio, stats,
+            model, _ = sa.tp_prune(self.task, self.base, kind, ratio, stats,
                                    self.args.round_to, **imp_options)
             ms = self.timer.time([target, self.timer.session(model)],
                                  runs=self.args.runs // 2)
@@ -178,13 +208,15 @@ class Grid:
                 break
             lo, hi = (ratio, hi) if rel > 1 else (lo, ratio)
         ratio, rel, model = best
-        sa.train(model, self.data, self.args.epochs, self.args.lr, seed)
+        sa.train(self.task, model, self.data, self.args.epochs,
+                 self.args.lr, seed)
         return model, dict(tp_ratio=ratio, tp_options=imp_options,
                            tp_vs_cpd_at_selection=rel, trials=trials)
 
     def reference(self, arm, point, seed):
         model = self.start()
-        self.sa.train(model, self.data, self.args.epochs, self.args.lr, seed)
+        self.sa.train(self.task, model, self.data, self.args.epochs,
+                      self.args.lr, seed)
         return model, {}
 
     def run(self, arm, point, seed):
@@ -200,15 +232,16 @@ class Grid:
                         exist_ok=True)
             torch.save(dict(plan=plan, state_dict=model.state_dict()),
                        self.model_path(arm, point, seed))
-        torch.save(model, final_path(self.args, key(arm, point, seed)))
-        score = self.sa.top1(model, self.data)
+        run_key = key(arm, point, seed, self.args.task)
+        torch.save(model, final_path(self.args, run_key))
+        score = self.task.evaluate(model, self.data)
         ms = self.timer.time([self.base_sess, self.timer.session(model)],
                              runs=self.args.runs)
-        row = dict(key=key(arm, point, seed), task='cls', arm=arm,
-                   point=point, seed=seed, top1=score, base_top1=
-                   self.base_top1, ms=ms[1], base_ms=ms[0],
+        row = dict(key=run_key, task=self.args.task, arm=arm, point=point,
+                   seed=seed, metric=self.task.METRIC, score=score,
+                   base_score=self.base_score, ms=ms[1], base_ms=ms[0],
                    rel_latency=ms[1] / ms[0],
-                   **model_complexity(model, (1, 3, *self.sa.SHAPE)),
+                   **model_complexity(model, (1, 3, *self.task.SHAPE)),
                    seconds=round(time.time() - t), **info,
                    setup=setup(self.args))
         return row
@@ -224,7 +257,7 @@ def final_path(args, run_key):
 
 
 def setup(args):
-    return dict(width=args.width, num_train=args.num_train,
+    return dict(task=args.task, width=args.width, num_train=args.num_train,
                 num_val=args.num_val,
                 base_epochs=args.base_epochs, epochs=args.epochs, lr=args.lr,
                 round_to=args.round_to, interval=args.interval, kd='none')
@@ -238,7 +271,7 @@ def run(args):
         sys.exit(f'{args.results} holds runs of another setup ({other.pop()}'
                  f'), not {setup(args)}: pass the same options or another '
                  '--results')
-    todo = [j for j in jobs(args) if key(*j) not in done]
+    todo = [j for j in jobs(args) if key(*j, args.task) not in done]
     print(f'{len(todo)} runs to do ({len(jobs(args)) - len(todo)} done)',
           flush=True)
     if not todo:
@@ -247,7 +280,7 @@ def run(args):
     for arm, point, seed in todo:
         row = grid.run(arm, point, seed)
         append_result(args.results, row)
-        print(f'{row["key"]}: top-1 {row["top1"]:.2f}, latency '
+        print(f'{row["key"]}: {row["metric"]} {row["score"]:.2f}, latency '
               f'{row["rel_latency"]:.3f} of the baseline, '
               f'{row["seconds"]} s', flush=True)
 
@@ -261,19 +294,19 @@ def summarise(rows):
     out = []
     for (arm, point), rs in sorted(cells.items(), key=lambda c: (
             c[0][0], c[0][1] or 0)):
-        acc = [r['top1'] for r in rs]
+        acc = [r['score'] for r in rs]
         lat = [r['rel_latency'] for r in rs]
         out.append(dict(
             arm=arm, point=point, seeds=sorted(r['seed'] for r in rs),
-            top1_mean=statistics.mean(acc), top1_min=min(acc),
-            top1_max=max(acc), top1_std=statistics.stdev(acc)
+            score_mean=statistics.mean(acc), score_min=min(acc),
+            score_max=max(acc), score_std=statistics.stdev(acc)
             if len(acc) > 1 else 0.0, rel_latency_mean=statistics.mean(lat),
             rel_latency_min=min(lat), rel_latency_max=max(lat)))
     return out
 
 
-def plot(summary, path, arms, title):
-    """Top-1 against measured latency, one curve per arm of ``arms``,
+def plot(summary, path, arms, title, metric):
+    """The metric against measured latency, one curve per arm of ``arms``,
     the same-budget unpruned reference marked."""
     import matplotlib
     matplotlib.use('Agg')
@@ -283,18 +316,18 @@ def plot(summary, path, arms, title):
         pts = sorted((s for s in summary if s['arm'] == arm),
                      key=lambda s: s['rel_latency_mean'])
         ax.errorbar([s['rel_latency_mean'] for s in pts],
-                    [s['top1_mean'] for s in pts],
-                    yerr=[[s['top1_mean'] - s['top1_min'] for s in pts],
-                          [s['top1_max'] - s['top1_mean'] for s in pts]],
+                    [s['score_mean'] for s in pts],
+                    yerr=[[s['score_mean'] - s['score_min'] for s in pts],
+                          [s['score_max'] - s['score_mean'] for s in pts]],
                     marker='o', capsize=3, label=arm,
                     ls='-' if len(pts) > 1 else 'none')
     for s in summary:
         if s['arm'] == 'reference':
-            ax.axhline(s['top1_mean'], color='k', ls='--', lw=1)
-            ax.plot([s['rel_latency_mean']], [s['top1_mean']], 'k*', ms=12,
-                    label=f'unpruned, same budget ({s["top1_mean"]:.1f})')
+            ax.axhline(s['score_mean'], color='k', ls='--', lw=1)
+            ax.plot([s['rel_latency_mean']], [s['score_mean']], 'k*', ms=12,
+                    label=f'unpruned, same budget ({s["score_mean"]:.1f})')
     ax.set_xlabel('measured latency / unpruned (onnxruntime, CPU, 1 thread)')
-    ax.set_ylabel('top-1 (%), mean over seeds; bars: min-max')
+    ax.set_ylabel(f'{metric} (%), mean over seeds; bars: min-max')
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -308,12 +341,13 @@ def remeasure(args):
     per run goes to ``<results>.latency.json``, which ``report`` prefers."""
     import torch
     import selection_arms as sa
+    task = load_task(args.task)
     rows = read_results(args.results)
     keys = [k for k in rows if osp.exists(final_path(args, k))]
-    timer = sa.Timer()
+    timer = sa.Timer(task)
     sessions = [timer.session(torch.load(final_path(args, k),
                                          weights_only=False)) for k in keys]
-    base_sess = timer.session(sa.build_model(args.width))
+    base_sess = timer.session(task.build_model(args.width))
     reps = []
     for r in range(args.repeats):
         ms = timer.time([base_sess] + sessions, runs=args.runs)
@@ -343,41 +377,48 @@ def report(args):
                summary=summary)
     with open(args.json, 'w') as f:
         json.dump(out, f, indent=1)
-    plot(summary, args.plot, MAIN_ARMS, 'fine_shapes (24 classes, 64x64): '
-         'top-1 at measured latency')
-    plot(summary, args.plot.replace('.png', '_study.png'),
-         ('cpd_mm', *STUDY_ARMS, *TP_ARMS, *TP_STUDY),
-         f'options at {args.study_point:.0%} of the latency removed')
-    print('| arm | point | seeds | top-1 mean (min-max) | latency / base |')
+    task = load_task(args.task)
+    plot(summary, args.plot, MAIN_ARMS, f'{task.TITLE}: {task.METRIC} at '
+         'measured latency', task.METRIC)
+    if any(s['arm'] in STUDY_ARMS or s['arm'] in TP_STUDY
+           for s in summary):
+        plot(summary, args.plot.replace('.png', '_study.png'),
+             ('cpd_mm', *STUDY_ARMS, *TP_ARMS, *TP_STUDY),
+             f'{task.TITLE}: options at {args.study_point:.0%} of the '
+             'latency removed', task.METRIC)
+    print(f'| arm | point | seeds | {task.METRIC} mean (min-max) | '
+          'latency / base |')
     print('|---|---|---|---|---|')
     for s in summary:
         print(f'| {s["arm"]} | {s["point"]} | {len(s["seeds"])} | '
-              f'{s["top1_mean"]:.2f} ({s["top1_min"]:.2f}-'
-              f'{s["top1_max"]:.2f}) | {s["rel_latency_mean"]:.3f} |')
+              f'{s["score_mean"]:.2f} ({s["score_min"]:.2f}-'
+              f'{s["score_max"]:.2f}) | {s["rel_latency_mean"]:.3f} |')
     print(f'wrote {args.json} and {args.plot}')
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('command', choices=('run', 'report', 'remeasure', 'list'))
+    p.add_argument('--task', default='cls', help='the task module '
+                   'benchmarks/selection_task_<task>.py: cls, seg, det')
     p.add_argument('--repeats', type=int, default=5,
                    help='remeasure: interleaved timings of every model')
     p.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2])
     p.add_argument('--points', nargs='+', type=float,
                    default=[0.3, 0.5, 0.7], help='latency share removed')
     p.add_argument('--study-point', type=float, default=0.5)
-    p.add_argument('--arms', nargs='+', default=list(ALL_ARMS))
-    p.add_argument('--width', type=int, default=32,
-                   help="the ResNet-18's first-stage channels")
-    p.add_argument('--num-train', type=int, default=7200)
-    p.add_argument('--num-val', type=int, default=2400)
-    p.add_argument('--base-epochs', type=int, default=24)
-    p.add_argument('--base-lr', type=float, default=0.1)
-    p.add_argument('--epochs', type=int, default=3, help='fine-tuning budget')
-    p.add_argument('--lr', type=float, default=0.02)
-    p.add_argument('--round-to', type=int, default=16,
-                   help='channel multiple of every arm (onnxruntime CPU '
-                   'blocks of 16)')
+    p.add_argument('--arms', nargs='+', help='default: the reference, the '
+                   "main arms and (task cls) the option study")
+    p.add_argument('--width', type=int, help="the model's first-stage "
+                   'channels (default: the task\'s)')
+    p.add_argument('--num-train', type=int)
+    p.add_argument('--num-val', type=int)
+    p.add_argument('--base-epochs', type=int)
+    p.add_argument('--base-lr', type=float)
+    p.add_argument('--epochs', type=int, help='fine-tuning budget')
+    p.add_argument('--lr', type=float)
+    p.add_argument('--round-to', type=int, help='channel multiple of every '
+                   'arm (onnxruntime CPU convolutions work in blocks of 16)')
     p.add_argument('--interval', type=int, default=16,
                    help="iterations between cpd_mm's pruning steps")
     p.add_argument('--tol', type=float, default=0.03)
@@ -386,13 +427,29 @@ def parse_args(argv=None):
                    help='timed inferences of each final model')
     p.add_argument('--work-dir', default=osp.join(ROOT, 'work_dirs',
                                                   'selection_grid'))
-    p.add_argument('--results', default=osp.join(
-        ROOT, 'benchmarks', 'selection_grid_cls.jsonl'))
-    p.add_argument('--json', default=osp.join(
-        ROOT, 'benchmarks', 'selection_grid_cls.json'))
-    p.add_argument('--plot', default=osp.join(ROOT, 'docs', 'img',
-                                              'selection_grid_cls.png'))
+    p.add_argument('--results', help='default: benchmarks/'
+                   'selection_grid_<task>.jsonl')
+    p.add_argument('--json', help='default: benchmarks/'
+                   'selection_grid_<task>.json')
+    p.add_argument('--plot', help='default: docs/img/'
+                   'selection_grid_<task>.png')
     args = p.parse_args(argv)
+    try:
+        task = load_task(args.task)
+    except ImportError as e:
+        p.error(f'no task module for --task {args.task!r} ({e})')
+    for k, v in task.DEFAULTS.items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    for k, d, ext in (('results', 'benchmarks', 'jsonl'),
+                      ('json', 'benchmarks', 'json'),
+                      ('plot', osp.join('docs', 'img'), 'png')):
+        if getattr(args, k) is None:
+            setattr(args, k, osp.join(ROOT, d,
+                                      f'selection_grid_{args.task}.{ext}'))
+    if args.arms is None:
+        args.arms = list(ALL_ARMS if args.task == 'cls' else
+                         ('reference', *MAIN_ARMS))
     bad = sorted(set(args.arms) - set(ALL_ARMS))
     if bad:
         p.error(f'unknown arms {bad}: choose from {", ".join(ALL_ARMS)}')
@@ -413,7 +470,8 @@ def main(argv=None):
     else:
         done = read_results(args.results)
         for j in jobs(args):
-            print(key(*j), 'done' if key(*j) in done else 'todo')
+            k = key(*j, args.task)
+            print(k, 'done' if k in done else 'todo')
 
 
 if __name__ == '__main__':

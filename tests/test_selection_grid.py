@@ -48,7 +48,8 @@ class _FakeGrid:
     def run(self, arm, point, seed):
         _FakeGrid.ran.append((arm, point, seed))
         return dict(key=sg.key(arm, point, seed), arm=arm, point=point,
-                    seed=seed, top1=50.0, rel_latency=0.5, seconds=1)
+                    seed=seed, metric='top-1', score=50.0, rel_latency=0.5,
+                    seconds=1)
 
 
 def test_grid_resumes(tmp_path, monkeypatch, capsys):
