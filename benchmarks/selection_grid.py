@@ -378,13 +378,14 @@ def report(args):
     with open(args.json, 'w') as f:
         json.dump(out, f, indent=1)
     task = load_task(args.task)
-    plot(summary, args.plot, MAIN_ARMS, f'{task.TITLE}: {task.METRIC} at '
+    title = getattr(task, 'TITLE', args.task)
+    plot(summary, args.plot, MAIN_ARMS, f'{title}: {task.METRIC} at '
          'measured latency', task.METRIC)
     if any(s['arm'] in STUDY_ARMS or s['arm'] in TP_STUDY
            for s in summary):
         plot(summary, args.plot.replace('.png', '_study.png'),
              ('cpd_mm', *STUDY_ARMS, *TP_ARMS, *TP_STUDY),
-             f'{task.TITLE}: options at {args.study_point:.0%} of the '
+             f'{title}: options at {args.study_point:.0%} of the '
              'latency removed', task.METRIC)
     print(f'| arm | point | seeds | {task.METRIC} mean (min-max) | '
           'latency / base |')

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 TASK = 'cls'
 METRIC = 'top-1'
+TITLE = 'fine_shapes (24 classes, 64x64)'
 SHAPE = (64, 64)
 NUM_CLASSES = 24
 DEFAULTS = dict(width=32, num_train=7200, num_val=2400, base_epochs=48,
