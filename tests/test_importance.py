@@ -129,6 +129,61 @@ def test_scores_equal_explicit_gate_gradients(net, kind):
     np.testing.assert_allclose(norm[grp.channels], want)
 
 
+def _torchvision_resnet():
+    import torchvision
+    return torchvision.models.resnet18(num_classes=5)
+
+
+@pytest.mark.parametrize('net', [ConvBN, _vit_block, _torchvision_resnet])
+def test_fisher_sums_per_sample_squared_gate_gradients(net):
+    """``fisher`` = sum over samples of (dL/dm restricted to the sample)^2:
+    in eval mode (no batch statistics couple the samples) that is the
+    gradient of each sample's share of the mean loss, by autograd. The
+    attention heads' internal gates are read from the batch gradient and
+    must equal the hessian score there. torchvision's ResNet has in-place
+    ReLUs and ``out += identity`` after its gated BNs: reading the sites'
+    outputs without a copy would fail here."""
+    torch.manual_seed(0)
+    model = net().eval()
+    shape = (2, 6, 4, 4) if net is _vit_block else (2, 3, 4, 4) \
+        if net is ConvBN else (2, 3, 32, 32)
+    with torch.no_grad():  # no silent branch: BN statistics away from 0/1
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    comb = comb_model(model, input_shape=shape)
+    n_out = 3 if net is _vit_block else 5
+    b = 4
+    x = torch.randn(b, *shape[1:])
+    t = torch.randint(0, n_out, (b, ))
+    per = [explicit_gate_gradients(model, comb, x[i:i + 1], t[i:i + 1]) / b
+           for i in range(b)]
+    batch = explicit_gate_gradients(model, comb, x, t)
+    tol = 1e-5 * np.abs(batch).max()  # float32 sums in another order
+    np.testing.assert_allclose(sum(per), batch, rtol=1e-4, atol=tol)
+    scorer = ImportanceAccumulator(model, comb, 'fisher')
+    F.cross_entropy(model(x), t).backward()
+    model.zero_grad()
+    scorer.step()
+    got = scorer.current()
+    want = np.where(scorer.batch_only, batch * batch,
+                    sum(g * g for g in per))
+    prunable = np.concatenate([grp.channels for grp in comb.prunable_groups])
+    # (a ReLU may be dead on all 4 samples, 1x1 at the last stage: a true 0)
+    assert (want[prunable] > 0).mean() > 0.5, 'vacuous: no gradient'
+    np.testing.assert_allclose(got[prunable], want[prunable], rtol=1e-3,
+                               atol=tol * tol * b)
+    # not the batch estimate under another name
+    per_sample = prunable[~scorer.batch_only[prunable]]
+    assert len(per_sample) >= len(prunable) // 2
+    assert not np.allclose(got[per_sample], (batch * batch)[per_sample],
+                           rtol=1e-2)
+    assert scorer.batch_only.any() == (net is _vit_block)
+
+
 def test_gradient_accumulation_scores_each_backward():
     """With accumulative_counts=2 the second backward must add g2^2, not
     (g1 + g2)^2 (the running sum in .grad)."""

@@ -14,7 +14,21 @@ the scores.
 
 Scores (per channel, accumulated over a pruning interval, on the device):
   - ``hessian``: (∂L/∂m_c)², the squared-gradient estimate of the Hessian
-    diagonal restricted to the gates (the paper's practical score);
+    diagonal restricted to the gates, from the batch gradient (the paper's
+    practical score);
+  - ``fisher``: Σ_b (∂L/∂m_c restricted to sample b)², the same estimate
+    from per-sample gate gradients (the empirical Fisher diagonal of the
+    gates: Torch-Pruning's Hessian/OBD estimator and mmrazor's GroupFisher
+    take per-sample gradients too). With a mean-reduced loss both have the
+    same expectation where the mean gradient is 0 (a converged model:
+    E[(Σ_b s_b)²] = Σ_b E[s_b²]), but a batch of B samples gives B squared
+    terms instead of one, so the ranking is far less noisy. Every gate
+    site is read from its output and the output's gradient (``y·∂L/∂y``
+    summed over positions, per sample); the output is copied in the forward
+    (an in-place op after the site would change it), which costs one more
+    activation per gated layer while pruning. Gates inside a module
+    (attention heads) and sites whose output has another batch size are
+    read from the batch gradient and scored as ``hessian``;
   - ``taylor``: |∂L/∂m_c| (first-order Taylor);
   - ``hessian_fd``: (H v)_c², the Hessian restricted to the gates times a
     random v ~ N(0, I), by a finite difference of explicit gate gradients,
@@ -45,7 +59,10 @@ from ..comb.handlers import handler_for
 from ..comb.space import along, channel_axis
 from ..comb.verify import model_outputs
 
-IMPORTANCE_TYPES = ('hessian', 'hessian_fd', 'taylor', 'l1', 'random')
+IMPORTANCE_TYPES = ('hessian', 'fisher', 'hessian_fd', 'taylor', 'l1',
+                    'random')
+# kinds scored from gradients as the model trains, whose scores are state
+_GRADIENT_KINDS = ('hessian', 'fisher', 'taylor')
 
 
 def _site_lines(comb: CombResult):
@@ -84,12 +101,20 @@ def gate_parameters(model: nn.Module, comb: CombResult):
             params += found
         else:
             acts[name] = (axis, chans)
+    return params + internal_gate_parameters(model, comb), acts
+
+
+def internal_gate_parameters(model: nn.Module, comb: CombResult):
+    """Gates inside modules (attention heads), as ``(name, parameter,
+    axis, channel per position)``: their handlers name the parameters."""
+    modules = dict(model.named_modules())
+    out = []
     for name, rec in comb.records.items():
         m = modules[name]
         for pname, pax, atoms in handler_for(m).internal_gates(m, rec):
             p = m.get_parameter(pname)
-            params.append((f'{name}.{pname}', p, pax, comb.channels(atoms)))
-    return params, acts
+            out.append((f'{name}.{pname}', p, pax, comb.channels(atoms)))
+    return out
 
 
 class ImportanceAccumulator:
@@ -126,13 +151,21 @@ class ImportanceAccumulator:
         acc = torch.float64 if dev.type in ('cpu', 'cuda') else torch.float32
         n = comb.num_channels
         self._grad = torch.zeros(n + 1, device=dev)
+        # fisher: per-sample gate gradients of the current backward, and
+        # the channels read (also) from the batch gradient
+        self._per_sample = None
+        self.batch_only = np.zeros(n, dtype=bool)
+        self._batch_only_t = None
         self.scores = torch.zeros(n, device=dev, dtype=acc)
         self.iters_t = torch.zeros((), device=dev, dtype=torch.int64)
         self.unscored = np.zeros(n, dtype=bool)
         self._handles = []
         self._removed = False
         self._probes = 0
-        if kind not in ('hessian', 'taylor'):
+        if kind not in _GRADIENT_KINDS:
+            return
+        if kind == 'fisher':
+            self._hook_per_sample(model)
             return
         for _, p, axis, chans in self.params:
             if p.requires_grad:
@@ -144,6 +177,64 @@ class ImportanceAccumulator:
         for name, (axis, chans) in self.activation_sites.items():
             self._handles.append(modules[name].register_forward_hook(
                 self._activation_hook(axis, chans, self._index(chans, dev))))
+
+    def _hook_per_sample(self, model: nn.Module) -> None:
+        """``fisher``: every gate site's output, per sample; the gates
+        inside modules from their parameters' batch gradient."""
+        dev = self._grad.device
+        modules = dict(model.named_modules())
+        for name, (axis, atoms) in _site_lines(self.comb).items():
+            chans = self.comb.channels(atoms)
+            self._handles.append(modules[name].register_forward_hook(
+                self._per_sample_hook(axis, chans, self._index(chans, dev))))
+        for _, p, axis, chans in internal_gate_parameters(model, self.comb):
+            if p.requires_grad:
+                self.batch_only[chans[chans >= 0]] = True
+                self._handles.append(p.register_hook(
+                    self._param_hook(p, axis, self._index(chans, dev))))
+            else:
+                self.unscored[chans[chans >= 0]] = True
+
+    def _per_sample_hook(self, axis, chans, idx):
+        def fn(module, args, out):
+            if not isinstance(out, torch.Tensor) or \
+                    not torch.is_grad_enabled():
+                return
+            if not out.requires_grad:
+                self.unscored[chans[chans >= 0]] = True
+                return
+            y = out.detach().clone()  # an in-place op may follow
+
+            def grad_fn(grad):
+                prod = y * grad.detach()
+                ax = axis % prod.dim()
+                if ax == 0 or prod.dim() < 2:  # no batch axis to keep
+                    self.batch_only[chans[chans >= 0]] = True
+                    dims = [d for d in range(prod.dim()) if d != ax]
+                    self._add(prod.sum(dims) if dims else prod, idx)
+                    return
+                dims = [d for d in range(1, prod.dim()) if d != ax]
+                self._add_per_sample(prod.sum(dims) if dims else prod,
+                                     chans, idx)
+            out.register_hook(grad_fn)
+        return fn
+
+    def _add_per_sample(self, per, chans, idx):
+        """Add ``per`` (batch, channels of the site) to this backward's
+        per-sample gate gradients; a site with another batch size than the
+        first one of the backward goes to the batch gradient."""
+        n = self.comb.num_channels
+        buf = self._per_sample
+        if buf is None:
+            buf = self._per_sample = torch.zeros(
+                per.shape[0], n + 1, device=per.device)
+        if per.shape[0] != buf.shape[0]:
+            self.batch_only[chans[chans >= 0]] = True
+            self._add(per.sum(0), idx)
+            return
+        if idx.device != per.device:
+            idx = idx.to(per.device)
+        buf.index_add_(1, idx, per.float())
 
     def _index(self, chans, device):
         n = self.comb.num_channels
@@ -165,7 +256,8 @@ class ImportanceAccumulator:
 
     def _activation_hook(self, axis, chans, idx):
         def fn(module, args, out):
-            if not isinstance(out, torch.Tensor) or not torch.is_grad_enabled():
+            if not isinstance(out, torch.Tensor) or \
+                    not torch.is_grad_enabled():
                 return
             if not out.requires_grad:
                 self.unscored[chans[chans >= 0]] = True
@@ -247,16 +339,40 @@ class ImportanceAccumulator:
         """
         if self.kind == 'hessian_fd':  # scored by probe()
             return
-        if self.kind not in ('hessian', 'taylor'):
+        if self.kind not in _GRADIENT_KINDS:
             self.iters_t += 1
             return
         g = self._grad[:-1].to(self.scores.dtype)
+        per = None
+        if self._per_sample is not None:
+            per = self._per_sample[:, :-1].to(self.scores.dtype)
+            self._per_sample = None
         if isinstance(inv_scale, torch.Tensor):
             g = g * inv_scale.to(g)
+            per = None if per is None else per * inv_scale.to(per)
         elif inv_scale is not None:
             g = g * inv_scale
-        self._fold(g * g if self.kind == 'hessian' else g.abs())
+            per = None if per is None else per * inv_scale
+        if self.kind == 'fisher':
+            if per is None:
+                v = g * g
+            else:  # a channel read (also) from the batch gradient: hessian
+                both = per.sum(0) + g
+                v = torch.where(self._batch_only_mask(g.device), both * both,
+                                (per * per).sum(0))
+        else:
+            v = g * g if self.kind == 'hessian' else g.abs()
+        self._fold(v)
         self._grad.zero_()
+
+    def _batch_only_mask(self, device):
+        """:attr:`batch_only` on ``device`` (copied when it changed)."""
+        count = int(self.batch_only.sum())  # (host side: no sync)
+        if self._batch_only_t is None or self._batch_only_t[0] != count or \
+                self._batch_only_t[1].device != device:
+            self._batch_only_t = (count, torch.as_tensor(self.batch_only,
+                                                         device=device))
+        return self._batch_only_t[1]
 
     @property
     def iters(self) -> int:
@@ -303,13 +419,13 @@ class ImportanceAccumulator:
 
     def state_dict(self) -> dict:
         return dict(scores=self.current().tolist() if self.kind in (
-            'hessian', 'hessian_fd', 'taylor') else [], iters=self.iters,
+            *_GRADIENT_KINDS, 'hessian_fd') else [], iters=self.iters,
             probes=self._probes,
             unscored=[int(i) for i in np.nonzero(self.unscored)[0]])
 
     def load_state_dict(self, state: dict) -> None:
         self._probes = int(state.get('probes', 0))
-        if self.kind in ('hessian', 'hessian_fd', 'taylor'):
+        if self.kind in (*_GRADIENT_KINDS, 'hessian_fd'):
             s = np.asarray(state['scores'], dtype=np.float64)
             if s.shape != tuple(self.scores.shape):
                 raise ValueError('checkpointed importance scores do not '
