@@ -1,38 +1,35 @@
 """Selection quality at equal measured latency: cpd_mm's channel selection
-against Torch-Pruning's (TP), on a task where selection matters.
+against Torch-Pruning's (TP), on tasks where selection matters.
 
     OMP_NUM_THREADS=1 nice -n 5 python benchmarks/selection_grid.py run \\
-        > /tmp/selection_grid.log 2>&1 &          # resumable: rerun to go on
-    python benchmarks/selection_grid.py report   # JSON summary + plot
+        --task cls > /tmp/selection_grid_cls.log 2>&1 &   # resumable
+    python benchmarks/selection_grid.py report --task cls  # JSON + plot
 
-Task ``cls``: :mod:`cpd_mm.datasets.fine_shapes` (24 classes, 64x64, 7200
-train / 2400 val images), a half-width ResNet-18 (MMPretrain), trained to
-convergence once (``--base-epochs``); every arm starts from that model, gets
-the same fine-tuning budget (``--epochs``, no distillation in any arm) and
-is evaluated on the same 2400 images. Arms (see ``selection_arms.py``):
+A task is a module ``selection_task_<task>.py`` (data, model, loss,
+metric, defaults; ``cls``: 24-class ``fine_shapes`` with a half-width
+ResNet-18). Its baseline is trained once (``--base-epochs``); every arm
+starts from it, gets the same fine-tuning budget (``--epochs``, no
+distillation in any arm) and is evaluated on the same validation set.
+Arms (see ``selection_arms.py``):
 
-* ``cpd_mm``: CPDPruningHook's default selection (Hessian score summed over
-  coupled layers, cost-aware ranking against the measured latency table, no
-  memory normalisation), latency target ``point`` (0.3, 0.5, 0.7 of the
-  latency removed), pruning on a ramp during fine-tuning;
-* ``tp_taylor`` / ``tp_hessian`` / ``tp_magnitude``: TP's MetaPruner (global,
-  defaults: mean over coupled layers, mean-normalised), one shot, its
-  ``pruning_ratio`` bisected so that the model's onnxruntime latency equals
-  the ``cpd_mm`` model's of the same point and seed (timed interleaved,
-  within ``--tol``); then fine-tuned;
+* ``cpd_mm``: CPDPruningHook's default selection (``CPD_OPTIONS``), latency
+  target ``point`` (0.3, 0.5, 0.7 of the latency removed), pruning on a
+  ramp during fine-tuning;
+* ``tp_taylor`` / ``tp_hessian_nonorm`` / ``tp_magnitude_nonorm``: TP's
+  MetaPruner (global), each importance at its best setting in the option
+  study, one shot; its ``pruning_ratio`` bisected so that the model's
+  onnxruntime latency equals the ``cpd_mm`` model's of the same point and
+  seed (timed interleaved, within ``--tol``); then fine-tuned;
 * ``reference``: the unpruned model fine-tuned with the same budget;
-* cpd_mm's options, at ``--study-point`` only: ``cpd_paper`` (ranking by
-  memory-normalised score: the paper's selection), ``cpd_memnorm`` (cost
-  ranking of memory-normalised scores), ``cpd_mean`` (mean over coupled
-  layers), ``cpd_taylor``, ``cpd_hessian_fd``, ``cpd_score`` (the raw
-  score's global order, no cost); and TP's other group
-  reductions and normalisers (``tp_<importance>_sum``: summed over coupled
-  layers; ``tp_<importance>_nonorm``: not normalised per group).
+* the option study, at ``--study-point`` only (task cls by default):
+  cpd_mm's options (``STUDY_ARMS``: the paper's selection ``cpd_paper``,
+  the estimators, memory normalisation, mean over coupled layers, ranking
+  by score) and TP's other group reductions and normalisers.
 
 Every finished run is appended as one JSON line to ``--results``; a run
 whose key (task, arm, point, seed) is there is skipped, so an interrupted
 grid continues where it stopped. Pruned models are kept in ``--work-dir``
-(TP's arms are matched to the cpd_mm model of their point and seed).
+(TP's arms are matched to the ``cpd_mm`` model of their point and seed).
 """
 import argparse
 import json
@@ -227,7 +224,7 @@ class Grid:
             self.tp if arm in TP_OPTIONS else self.cpd
         model, info = fn(arm, point, seed)
         plan = info.pop('plan', None)
-        if arm == 'cpd_mm':  # TP's arms are matched to it
+        if arm == 'cpd_mm' or arm in STUDY_ARMS:  # TP's are matched to it
             os.makedirs(osp.dirname(self.model_path(arm, point, seed)),
                         exist_ok=True)
             torch.save(dict(plan=plan, state_dict=model.state_dict()),
