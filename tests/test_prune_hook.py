@@ -85,8 +85,8 @@ def kept_of(work_dir):
         return json.load(f)
 
 
-@pytest.mark.parametrize('kind', ['hessian', 'hessian_fd', 'taylor', 'l1',
-                                  'random'])
+@pytest.mark.parametrize('kind', ['hessian', 'fisher', 'hessian_fd',
+                                  'taylor', 'l1', 'random'])
 def test_hook_reaches_target_and_writes_pruned_checkpoint(tmp_path, kind):
     runner = make_runner(str(tmp_path), 14, importance=kind)
     runner.train()
