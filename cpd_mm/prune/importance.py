@@ -206,7 +206,9 @@ class ImportanceAccumulator:
             y = out.detach().clone()  # an in-place op may follow
 
             def grad_fn(grad):
-                prod = y * grad.detach()
+                # (in float32: AMP scales the gradient, a half product
+                # summed over positions can overflow)
+                prod = y.float() * grad.detach().float()
                 ax = axis % prod.dim()
                 if ax == 0 or prod.dim() < 2:  # no batch axis to keep
                     self.batch_only[chans[chans >= 0]] = True
