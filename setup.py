@@ -46,7 +46,9 @@ setup(
         # the default runtime is a separate extra from the GPU one.
         'cpu': ['onnxruntime>=1.16'],
         'gpu': ['onnxruntime-gpu>=1.16'],
-        'tests': ['pytest>=7', 'hypothesis>=6', 'onnxruntime>=1.16'],
+        # (the tests also check the Torch-Pruning comparison's arms)
+        'tests': ['pytest>=7', 'hypothesis>=6', 'onnxruntime>=1.16',
+                  'torch-pruning>=1.3'],
         'benchmark': ['torch-pruning>=1.3', 'onnxruntime>=1.16'],
     },
     license='Apache-2.0',

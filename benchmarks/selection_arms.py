@@ -3,8 +3,9 @@ that go, all run by the same plain PyTorch loop from the same start, for
 any task module (``selection_task_<task>.py``: data, model, loss, metric;
 see ``selection_task_cls.py``).
 
-* ``train``: SGD, momentum 0.9, weight decay 5e-4, cosine to zero, the
-  task's augmented batches; an optional ``step_hook(it, loss_fn)`` runs
+* ``train``: the task's ``optimizer(params, lr)`` where it has one (SGD,
+  momentum 0.9, weight decay 5e-4 otherwise), cosine to zero, the task's
+  augmented batches; an optional ``step_hook(it, loss_fn)`` runs
   after every backward (cpd_mm's scoring and pruning steps hang there);
 * ``cpd_prune``: what ``CPDPruningHook`` does in a runner (comb, gates,
   importance accumulated every iteration, a pruning step every ``interval``
@@ -34,7 +35,10 @@ def train(task, model, data, epochs, lr, seed, batch=None, step_hook=None):
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr, momentum=0.9, weight_decay=5e-4)
+    if hasattr(task, 'optimizer'):
+        opt = task.optimizer(params, lr)
+    else:
+        opt = torch.optim.SGD(params, lr, momentum=0.9, weight_decay=5e-4)
     total = epochs * (len(data[0]) // batch)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total)
     model.train()

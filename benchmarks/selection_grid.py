@@ -254,10 +254,14 @@ def final_path(args, run_key):
 
 
 def setup(args):
-    return dict(task=args.task, width=args.width, num_train=args.num_train,
-                num_val=args.num_val,
-                base_epochs=args.base_epochs, epochs=args.epochs, lr=args.lr,
-                round_to=args.round_to, interval=args.interval, kd='none')
+    out = dict(task=args.task, width=args.width, num_train=args.num_train,
+               num_val=args.num_val,
+               base_epochs=args.base_epochs, epochs=args.epochs, lr=args.lr,
+               round_to=args.round_to, interval=args.interval, kd='none')
+    task = load_task(args.task)
+    if hasattr(task, 'optimizer'):  # the task's own, not the generic SGD
+        out['optimizer'] = f'{task.__name__}.optimizer'
+    return out
 
 
 def run(args):
