@@ -287,8 +287,10 @@ def run(args):
 
 
 # ------------------------------------------------------------ report
-def summarise(rows):
-    """Mean and spread of top-1 and relative latency per (arm, point)."""
+def summarise(rows, tol=0.03):
+    """Mean and spread of the metric and relative latency per (arm,
+    point); for TP's arms, how many seeds' selections were matched to
+    cpd_mm's latency within ``tol``."""
     cells = {}
     for r in rows:
         cells.setdefault((r['arm'], r['point']), []).append(r)
@@ -303,6 +305,54 @@ def summarise(rows):
             score_max=max(acc), score_std=statistics.stdev(acc)
             if len(acc) > 1 else 0.0, rel_latency_mean=statistics.mean(lat),
             rel_latency_min=min(lat), rel_latency_max=max(lat)))
+        if arm in TP_OPTIONS:
+            out[-1]['matched'] = sum(
+                abs(r['tp_vs_cpd_at_selection'] - 1) <= tol for r in rs)
+    return out
+
+
+def interpolate(curve, x):
+    """Linear interpolation of ``curve`` ([(x, y)], any order) at ``x``;
+    None outside its range."""
+    curve = sorted(curve)
+    for (x0, y0), (x1, y1) in zip(curve, curve[1:]):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return None
+
+
+def compare(summary, tp_arms=TP_ARMS):
+    """Per latency point: cpd_mm's mean against TP's best arm's, and where
+    TP's latency differs from cpd_mm's (TP unmatched), cpd_mm's curve
+    interpolated at TP's measured latency; the same-budget reference."""
+    cells = {(s['arm'], s['point']): s for s in summary}
+    cpd = [s for s in summary if s['arm'] == 'cpd_mm']
+    ref = next((s for s in summary if s['arm'] == 'reference'), None)
+    # (cpd_mm with nothing removed is the reference)
+    curve = [(s['rel_latency_mean'], s['score_mean'])
+             for s in cpd + ([ref] if ref else [])]
+    out = []
+    for c in sorted(cpd, key=lambda s: s['point']):
+        tps = [cells[a, c['point']] for a in tp_arms
+               if (a, c['point']) in cells]
+        row = dict(point=c['point'], cpd_mm=c['score_mean'],
+                   cpd_mm_rel_latency=c['rel_latency_mean'],
+                   reference=ref and ref['score_mean'],
+                   cpd_mm_minus_reference=ref and c['score_mean'] -
+                   ref['score_mean'])
+        if tps:
+            best = max(tps, key=lambda s: s['score_mean'])
+            at = interpolate(curve, best['rel_latency_mean'])
+            row.update(best_tp=best['arm'], best_tp_score=best['score_mean'],
+                       best_tp_rel_latency=best['rel_latency_mean'],
+                       best_tp_matched=f"{best['matched']}/"
+                       f"{len(best['seeds'])}",
+                       cpd_mm_minus_best_tp=c['score_mean'] -
+                       best['score_mean'],
+                       cpd_mm_at_tp_latency=at,
+                       cpd_mm_at_tp_latency_minus_best_tp=None if at is None
+                       else at - best['score_mean'])
+        out.append(row)
     return out
 
 
@@ -373,9 +423,10 @@ def report(args):
             if r['key'] in again:
                 r['rel_latency_run'] = r['rel_latency']
                 r['rel_latency'] = again[r['key']]['rel_latency']
-    summary = summarise(rows)
+    summary = summarise(rows, args.tol)
+    comparison = compare(summary)
     out = dict(results=osp.relpath(args.results, ROOT), runs=len(rows),
-               summary=summary)
+               summary=summary, comparison=comparison)
     with open(args.json, 'w') as f:
         json.dump(out, f, indent=1)
     task = load_task(args.task)
@@ -395,6 +446,25 @@ def report(args):
         print(f'| {s["arm"]} | {s["point"]} | {len(s["seeds"])} | '
               f'{s["score_mean"]:.2f} ({s["score_min"]:.2f}-'
               f'{s["score_max"]:.2f}) | {s["rel_latency_mean"]:.3f} |')
+    print('\n| point | cpd_mm | best TP arm | TP | TP latency (matched '
+          'seeds) | cpd_mm - TP | cpd_mm at TP latency - TP | cpd_mm - '
+          'reference |')
+    print('|---|---|---|---|---|---|---|---|')
+    for c in comparison:
+        cells = [c['point'], f'{c["cpd_mm"]:.2f} at '
+                 f'{c["cpd_mm_rel_latency"]:.3f}']
+        if 'best_tp' in c:
+            at = c['cpd_mm_at_tp_latency_minus_best_tp']
+            cells += [c['best_tp'], f'{c["best_tp_score"]:.2f}',
+                      f'{c["best_tp_rel_latency"]:.3f} '
+                      f'({c["best_tp_matched"]})',
+                      f'{c["cpd_mm_minus_best_tp"]:+.2f}',
+                      '-' if at is None else f'{at:+.2f}']
+        else:
+            cells += ['-'] * 5
+        cells.append('-' if c['reference'] is None else
+                     f'{c["cpd_mm_minus_reference"]:+.2f}')
+        print('| ' + ' | '.join(map(str, cells)) + ' |')
     print(f'wrote {args.json} and {args.plot}')
 
 

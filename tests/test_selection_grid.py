@@ -79,3 +79,38 @@ def test_grid_resumes(tmp_path, monkeypatch, capsys):
         sg.setup(sg.parse_args(argv)), width=8)))
     with pytest.raises(SystemExit, match='another setup'):
         sg.main(argv)
+
+
+def _row(arm, point, seed, score, rel, tp_rel=1.0):
+    return dict(key=sg.key(arm, point, seed), arm=arm, point=point,
+                seed=seed, score=score, rel_latency=rel,
+                tp_vs_cpd_at_selection=tp_rel)
+
+
+def test_report_compares_at_equal_latency():
+    """TP's best arm per point against cpd_mm's mean; where TP could not
+    reach cpd_mm's latency, cpd_mm's curve (the reference as its
+    unpruned end) read at TP's latency."""
+    rows = [_row('reference', None, s, 50.0 + s, 1.0) for s in (0, 1)]
+    rows += [_row('cpd_mm', 0.5, s, 48.0 + s, 0.5) for s in (0, 1)]
+    rows += [_row('cpd_mm', 0.7, s, 40.0 + s, 0.3) for s in (0, 1)]
+    # matched at 50%, 1.0 below cpd_mm; the other TP arm worse
+    rows += [_row('tp_taylor', 0.5, s, 47.5 + s, 0.5, 1.01) for s in (0, 1)]
+    rows += [_row('tp_hessian_nonorm', 0.5, s, 45.0, 0.5) for s in (0, 1)]
+    # at 70% TP stays at 0.4 (1.33x cpd_mm's latency) and scores 45
+    rows += [_row('tp_taylor', 0.7, s, 45.0, 0.4, 1.33) for s in (0, 1)]
+    summary = sg.summarise(rows, tol=0.03)
+    tp = {(s['arm'], s['point']): s for s in summary}
+    assert tp['tp_taylor', 0.5]['matched'] == 2
+    assert tp['tp_taylor', 0.7]['matched'] == 0
+    c = {r['point']: r for r in sg.compare(summary)}
+    assert c[0.5]['best_tp'] == 'tp_taylor'
+    assert c[0.5]['cpd_mm_minus_best_tp'] == pytest.approx(0.5)
+    assert c[0.5]['cpd_mm_minus_reference'] == pytest.approx(-2.0)
+    assert c[0.7]['best_tp_matched'] == '0/2'
+    assert c[0.7]['cpd_mm_minus_best_tp'] == pytest.approx(-4.5)
+    # cpd_mm's curve at 0.4: halfway between 40.5 (0.3) and 48.5 (0.5)
+    assert c[0.7]['cpd_mm_at_tp_latency'] == pytest.approx(44.5)
+    assert c[0.7]['cpd_mm_at_tp_latency_minus_best_tp'] == pytest.approx(
+        -0.5)
+    assert sg.interpolate([(0.3, 1.0), (0.5, 2.0)], 0.6) is None
