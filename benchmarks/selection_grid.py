@@ -70,6 +70,7 @@ STUDY_ARMS = {
     'cpd_taylor': dict(importance='taylor'),
     'cpd_hessian_fd': dict(importance='hessian_fd'),
     'cpd_score': dict(ranking='score'),  # global score order, no cost
+    'cpd_fisher_score': dict(importance='fisher', ranking='score'),
 }
 STUDY_ARMS = {a: o for a, o in STUDY_ARMS.items()
               if any(CPD_OPTIONS.get(k) != v for k, v in o.items())}
