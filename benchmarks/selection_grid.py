@@ -322,10 +322,12 @@ def interpolate(curve, x):
     return None
 
 
-def compare(summary, tp_arms=TP_ARMS):
-    """Per latency point: cpd_mm's mean against TP's best arm's, and where
-    TP's latency differs from cpd_mm's (TP unmatched), cpd_mm's curve
-    interpolated at TP's measured latency; the same-budget reference."""
+def compare(summary, tp_arms=tuple(TP_OPTIONS)):
+    """Per latency point: cpd_mm's mean against TP's best arm there, the
+    one closest to (or above) cpd_mm's curve read at TP's own measured
+    latency (where TP could not reach cpd_mm's latency, its raw score is
+    no measure: a slower model scores higher), and the same-budget
+    reference."""
     cells = {(s['arm'], s['point']): s for s in summary}
     cpd = [s for s in summary if s['arm'] == 'cpd_mm']
     ref = next((s for s in summary if s['arm'] == 'reference'), None)
@@ -342,7 +344,11 @@ def compare(summary, tp_arms=TP_ARMS):
                    cpd_mm_minus_reference=ref and c['score_mean'] -
                    ref['score_mean'])
         if tps:
-            best = max(tps, key=lambda s: s['score_mean'])
+            def margin(s):  # cpd_mm's lead at TP's latency
+                at = interpolate(curve, s['rel_latency_mean'])
+                return (c['score_mean'] if at is None else at) - \
+                    s['score_mean']
+            best = min(tps, key=margin)
             at = interpolate(curve, best['rel_latency_mean'])
             row.update(best_tp=best['arm'], best_tp_score=best['score_mean'],
                        best_tp_rel_latency=best['rel_latency_mean'],
@@ -522,7 +528,8 @@ def parse_args(argv=None):
                                       f'selection_grid_{args.task}.{ext}'))
     if args.arms is None:
         args.arms = list(ALL_ARMS if args.task == 'cls' else
-                         ('reference', *MAIN_ARMS))
+                         ('reference', *MAIN_ARMS, *getattr(
+                             task, 'EXTRA_ARMS', ())))
     bad = sorted(set(args.arms) - set(ALL_ARMS))
     if bad:
         p.error(f'unknown arms {bad}: choose from {", ".join(ALL_ARMS)}')

@@ -99,6 +99,10 @@ def test_report_compares_at_equal_latency():
     rows += [_row('tp_hessian_nonorm', 0.5, s, 45.0, 0.5) for s in (0, 1)]
     # at 70% TP stays at 0.4 (1.33x cpd_mm's latency) and scores 45
     rows += [_row('tp_taylor', 0.7, s, 45.0, 0.4, 1.33) for s in (0, 1)]
+    # a TP arm stuck at 0.9 of the latency scores more (47) but is 3.1
+    # below cpd_mm's curve there (50.1): not the best TP arm at 70%
+    rows += [_row('tp_magnitude_nonorm', 0.7, s, 47.0, 0.9, 3.0)
+             for s in (0, 1)]
     summary = sg.summarise(rows, tol=0.03)
     tp = {(s['arm'], s['point']): s for s in summary}
     assert tp['tp_taylor', 0.5]['matched'] == 2
@@ -107,6 +111,7 @@ def test_report_compares_at_equal_latency():
     assert c[0.5]['best_tp'] == 'tp_taylor'
     assert c[0.5]['cpd_mm_minus_best_tp'] == pytest.approx(0.5)
     assert c[0.5]['cpd_mm_minus_reference'] == pytest.approx(-2.0)
+    assert c[0.7]['best_tp'] == 'tp_taylor'
     assert c[0.7]['best_tp_matched'] == '0/2'
     assert c[0.7]['cpd_mm_minus_best_tp'] == pytest.approx(-4.5)
     # cpd_mm's curve at 0.4: halfway between 40.5 (0.3) and 48.5 (0.5)
