@@ -71,6 +71,9 @@ STUDY_ARMS = {
     'cpd_hessian_fd': dict(importance='hessian_fd'),
     'cpd_score': dict(ranking='score'),  # global score order, no cost
     'cpd_fisher_score': dict(importance='fisher', ranking='score'),
+    # not a selection: the pruning ramp over the first 20% of fine-tuning
+    # (default 40%), so more of the budget trains the final structure
+    'cpd_ramp20': dict(ramp=0.2),
 }
 STUDY_ARMS = {a: o for a, o in STUDY_ARMS.items()
               if any(CPD_OPTIONS.get(k) != v for k, v in o.items())}
