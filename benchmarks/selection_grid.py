@@ -139,8 +139,7 @@ class Grid:
         os.makedirs(args.work_dir, exist_ok=True)
         self.data = task.load_data(args.work_dir, args.num_train,
                                    args.num_val)
-        path = osp.join(args.work_dir, f'{args.task}_baseline_w{args.width}'
-                        f'_n{args.num_train}_e{args.base_epochs}.pth')
+        path = baseline_path(args)
         self.base = task.build_model(args.width)
         if osp.exists(path):
             self.base.load_state_dict(torch.load(path))
@@ -248,6 +247,12 @@ class Grid:
         return row
 
 
+def baseline_path(args):
+    """The trained baseline every arm starts from (and is timed against)."""
+    return osp.join(args.work_dir, f'{args.task}_baseline_w{args.width}'
+                    f'_n{args.num_train}_e{args.base_epochs}.pth')
+
+
 def final_path(args, run_key):
     """Where a run's final model (the whole module) is kept, for
     ``remeasure``."""
@@ -268,6 +273,28 @@ def setup(args):
     return out
 
 
+def claim_work_dir(args):
+    """A work directory keeps one setup's models per task: TP's arms are
+    matched to the ``cpd_mm`` model kept there, and a run with another
+    budget would overwrite it under the same name. The first run writes
+    the setup next to the models; a run of another setup is refused."""
+    path = osp.join(args.work_dir, 'models', f'{args.task}_setup.json')
+    mine = setup(args)
+    if osp.exists(path):
+        with open(path) as f:
+            theirs = json.load(f)
+        if theirs != mine:
+            sys.exit(f'{osp.dirname(path)} holds {args.task} models of '
+                     f'another setup ({theirs}), not {mine}: pass another '
+                     '--work-dir (the data and the baseline can be linked '
+                     'into it)')
+        return
+    os.makedirs(osp.dirname(path), exist_ok=True)
+    with open(path + '.tmp', 'w') as f:
+        json.dump(mine, f, indent=1)
+    os.replace(path + '.tmp', path)
+
+
 def run(args):
     done = read_results(args.results)
     other = {json.dumps(r['setup'], sort_keys=True) for r in done.values()
@@ -281,6 +308,7 @@ def run(args):
           flush=True)
     if not todo:
         return
+    claim_work_dir(args)
     grid = Grid(args)
     for arm, point, seed in todo:
         row = grid.run(arm, point, seed)
@@ -408,7 +436,16 @@ def remeasure(args):
     timer = sa.Timer(task)
     sessions = [timer.session(torch.load(final_path(args, k),
                                          weights_only=False)) for k in keys]
-    base_sess = timer.session(task.build_model(args.width))
+    # timed against the trained baseline, as in the runs: the same graph
+    # with random weights runs at another speed (the detector's ~2% faster)
+    path = baseline_path(args)
+    if not osp.exists(path):
+        sys.exit(f'remeasure times every model against the trained baseline '
+                 f'{path}, which is not there: pass the --work-dir (and '
+                 'setup options) the grid ran with')
+    base = task.build_model(args.width)
+    base.load_state_dict(torch.load(path))
+    base_sess = timer.session(base)
     reps = []
     for r in range(args.repeats):
         ms = timer.time([base_sess] + sessions, runs=args.runs)

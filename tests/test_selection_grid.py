@@ -55,7 +55,8 @@ class _FakeGrid:
 def test_grid_resumes(tmp_path, monkeypatch, capsys):
     results = str(tmp_path / 'r.jsonl')
     argv = ['run', '--seeds', '0', '1', '--points', '0.5', '--arms',
-            'reference', 'cpd_mm', 'tp_taylor', '--results', results]
+            'reference', 'cpd_mm', 'tp_taylor', '--results', results,
+            '--work-dir', str(tmp_path / 'work')]
     all_jobs = sg.jobs(sg.parse_args(argv))
     assert len(all_jobs) == 6
     # two runs finished before a kill, which tore the third line
@@ -79,6 +80,29 @@ def test_grid_resumes(tmp_path, monkeypatch, capsys):
         sg.setup(sg.parse_args(argv)), width=8)))
     with pytest.raises(SystemExit, match='another setup'):
         sg.main(argv)
+
+
+def test_work_dir_keeps_one_setup(tmp_path, monkeypatch):
+    """A second budget in the same work directory would overwrite the
+    cpd_mm models TP's arms are matched to: refused before any run."""
+    work = str(tmp_path / 'work')
+    argv = ['run', '--seeds', '0', '--points', '0.5', '--arms', 'reference',
+            '--work-dir', work]
+    monkeypatch.setattr(sg, 'Grid', _FakeGrid)
+    _FakeGrid.ran = []
+    sg.main(argv + ['--results', str(tmp_path / 'a.jsonl')])
+    assert _FakeGrid.ran == [('reference', None, 0)]
+    stamp = osp.join(work, 'models', 'cls_setup.json')
+    with open(stamp) as f:
+        assert json.load(f)['epochs'] == sg.parse_args(argv).epochs
+    # the same setup, another results file: runs
+    sg.main(argv + ['--results', str(tmp_path / 'b.jsonl')])
+    assert len(_FakeGrid.ran) == 2
+    # another fine-tuning budget in the same work dir: refused, nothing run
+    with pytest.raises(SystemExit, match='models of another setup'):
+        sg.main(argv + ['--results', str(tmp_path / 'c.jsonl'),
+                        '--epochs', '7'])
+    assert len(_FakeGrid.ran) == 2 and not osp.exists(tmp_path / 'c.jsonl')
 
 
 def _row(arm, point, seed, score, rel, tp_rel=1.0):
