@@ -425,7 +425,7 @@ def plot(summary, path, arms, title, metric):
 
 
 def remeasure(args):
-    """Time every kept final model again with the unpruned one, all
+    """Time every kept final model again with the trained baseline, all
     interleaved, ``--repeats`` times (on a quiet machine); the median ratio
     per run goes to ``<results>.latency.json``, which ``report`` prefers."""
     import torch

@@ -38,7 +38,7 @@ NUM_CLASSES = 12
 # lr 0.002 added 3.7); 30 give 77.0 (1152 s on one core), 2 more -0.5.
 # Fine-tuning: 4 epochs for every arm. With 2, the pruned models had not
 # recovered (cpd_mm 1.78 mAP below the same-budget reference at 2x,
-# benchmarks/selection_grid_det_e2.jsonl); a run takes 170-230 s.
+# benchmarks/selection_grid_det_e2.jsonl); a run takes 145-225 s.
 DEFAULTS = dict(width=64, num_train=2000, num_val=1000, base_epochs=30,
                 base_lr=0.004, epochs=4, lr=0.002, batch=16, round_to=16)
 # TP's default-normalised Hessian and magnitude too (at the study point):
