@@ -127,6 +127,19 @@ def append_result(path, row):
 
 
 # ------------------------------------------------------------ runs
+BASE_SEED = 1234  # the baseline's initial weights and data order
+
+
+def new_baseline_model(task, width):
+    """The task's model with the same initial weights in every process:
+    built under ``BASE_SEED`` (torch's global RNG starts from another seed
+    in every process), the global RNG left as it was."""
+    import torch
+    with torch.random.fork_rng():
+        torch.manual_seed(BASE_SEED)
+        return task.build_model(width)
+
+
 class Grid:
     """The shared start (data, trained baseline, latency table) and one
     method per kind of arm."""
@@ -140,13 +153,13 @@ class Grid:
         self.data = task.load_data(args.work_dir, args.num_train,
                                    args.num_val)
         path = baseline_path(args)
-        self.base = task.build_model(args.width)
+        self.base = new_baseline_model(task, args.width)
         if osp.exists(path):
             self.base.load_state_dict(torch.load(path))
         else:
             t = time.time()
             sa.train(task, self.base, self.data, args.base_epochs,
-                     args.base_lr, seed=1234)
+                     args.base_lr, seed=BASE_SEED)
             torch.save(self.base.state_dict(), path + '.tmp')
             os.replace(path + '.tmp', path)
             print(f'baseline trained in {time.time() - t:.0f} s', flush=True)

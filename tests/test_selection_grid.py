@@ -30,6 +30,29 @@ def test_fine_shapes_is_deterministic():
     assert not np.array_equal(x, make_fine_shapes('train', 4, seed=3)[0])
 
 
+def test_baseline_starts_from_the_same_weights_in_every_process():
+    """torch's global RNG starts from another seed in every process, so a
+    baseline built from it trained to another model each time (96.17,
+    94.92, 95.58% top-1 from the same data and recipe): its initial
+    weights come from a fixed seed whatever the RNG's state, and the RNG
+    is left as it was."""
+    import torch
+    task = sg.load_task('cls')
+    torch.manual_seed(0)
+    a = sg.new_baseline_model(task, 8)
+    after = torch.rand(3)
+    torch.manual_seed(0)
+    torch.rand(5)  # another state: another process
+    b = sg.new_baseline_model(task, 8)
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), name
+    # not a constant init: the weights are random, and the RNG untouched
+    assert a.backbone.conv1.weight.std() > 0
+    torch.manual_seed(0)
+    sg.new_baseline_model(task, 8)
+    assert torch.equal(torch.rand(3), after)
+
+
 def test_fine_shapes_rejects_bad_input():
     with pytest.raises(ValueError, match="split must be one of"):
         make_fine_shapes('test', 2)
