@@ -40,15 +40,18 @@ def load_data(cache_dir, num_train, num_val):
 def build_model(width=32):
     """MMPretrain's ResNet-18 classifier with ``width`` stem and first-stage
     channels (64 upstream; 32: 32..256, 37 MFLOPs at 64x64)."""
+    from mmengine.registry import DefaultScope
     from mmpretrain.registry import MODELS
     import mmpretrain.models  # noqa: F401  (registers the classes)
-    return MODELS.build(dict(
-        type='ImageClassifier',
-        backbone=dict(type='ResNet', depth=18, stem_channels=width,
-                      base_channels=width),
-        neck=dict(type='GlobalAveragePooling'),
-        head=dict(type='LinearClsHead', num_classes=NUM_CLASSES,
-                  in_channels=8 * width)))
+    # whatever scope the caller set last (an mmseg runner's, say)
+    with DefaultScope.overwrite_default_scope('mmpretrain'):
+        return MODELS.build(dict(
+            type='ImageClassifier',
+            backbone=dict(type='ResNet', depth=18, stem_channels=width,
+                          base_channels=width),
+            neck=dict(type='GlobalAveragePooling'),
+            head=dict(type='LinearClsHead', num_classes=NUM_CLASSES,
+                      in_channels=8 * width)))
 
 
 def forward(model, x):

@@ -55,31 +55,34 @@ def build_model(width=24):
     ``width`` stem and first-stage channels (``width``..``8 * width``), a
     PSP head of ``2 * width`` channels and an FCN auxiliary head of
     ``width`` channels (the demo's proportions: 16 / 32 / 16)."""
+    from mmengine.registry import DefaultScope
     from mmseg.registry import MODELS
     from mmseg.utils import register_all_modules
     register_all_modules(init_default_scope=False)
     bn = dict(type='BN', requires_grad=True)
     head = dict(num_classes=NUM_CLASSES, norm_cfg=bn, dropout_ratio=0.1,
                 align_corners=False)
-    return MODELS.build(dict(
-        type='EncoderDecoder', pretrained=None,
-        backbone=dict(
-            type='ResNetV1c', depth=18, num_stages=4,
-            out_indices=(0, 1, 2, 3), dilations=(1, 1, 2, 4),
-            strides=(1, 2, 1, 1), norm_cfg=bn, norm_eval=False,
-            style='pytorch', contract_dilation=True, stem_channels=width,
-            base_channels=width),
-        decode_head=dict(
-            type='PSPHead', in_channels=8 * width, in_index=3,
-            channels=2 * width, pool_scales=(1, 2, 3, 6),
-            loss_decode=dict(type='CrossEntropyLoss', use_sigmoid=False,
-                             loss_weight=1.0), **head),
-        auxiliary_head=dict(
-            type='FCNHead', in_channels=4 * width, in_index=2,
-            channels=width, num_convs=1, concat_input=False,
-            loss_decode=dict(type='CrossEntropyLoss', use_sigmoid=False,
-                             loss_weight=0.4), **head),
-        train_cfg=dict(), test_cfg=dict(mode='whole')))
+    # whatever scope the caller set last (an mmpretrain runner's, say)
+    with DefaultScope.overwrite_default_scope('mmseg'):
+        return MODELS.build(dict(
+            type='EncoderDecoder', pretrained=None,
+            backbone=dict(
+                type='ResNetV1c', depth=18, num_stages=4,
+                out_indices=(0, 1, 2, 3), dilations=(1, 1, 2, 4),
+                strides=(1, 2, 1, 1), norm_cfg=bn, norm_eval=False,
+                style='pytorch', contract_dilation=True, stem_channels=width,
+                base_channels=width),
+            decode_head=dict(
+                type='PSPHead', in_channels=8 * width, in_index=3,
+                channels=2 * width, pool_scales=(1, 2, 3, 6),
+                loss_decode=dict(type='CrossEntropyLoss', use_sigmoid=False,
+                                 loss_weight=1.0), **head),
+            auxiliary_head=dict(
+                type='FCNHead', in_channels=4 * width, in_index=2,
+                channels=width, num_convs=1, concat_input=False,
+                loss_decode=dict(type='CrossEntropyLoss', use_sigmoid=False,
+                                 loss_weight=0.4), **head),
+            train_cfg=dict(), test_cfg=dict(mode='whole')))
 
 
 def forward(model, x):

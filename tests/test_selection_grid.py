@@ -53,6 +53,19 @@ def test_baseline_starts_from_the_same_weights_in_every_process():
     assert torch.equal(torch.rand(3), after)
 
 
+@pytest.mark.parametrize('task,other', [('cls', 'mmseg'),
+                                        ('seg', 'mmpretrain')])
+def test_task_models_build_under_another_default_scope(task, other):
+    """A runner of another library leaves its default scope behind (as the
+    test suite's mmseg tests do): the task's model is still built from its
+    own library's registry."""
+    from mmengine.registry import DefaultScope
+    with DefaultScope.overwrite_default_scope(other):
+        model = sg.load_task(task).build_model(8)
+    assert type(model).__module__.startswith(
+        {'cls': 'mmpretrain', 'seg': 'mmseg'}[task])
+
+
 def test_fine_shapes_rejects_bad_input():
     with pytest.raises(ValueError, match="split must be one of"):
         make_fine_shapes('test', 2)
