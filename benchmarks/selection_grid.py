@@ -21,7 +21,7 @@ Arms (see ``selection_arms.py``):
   onnxruntime latency equals the ``cpd_mm`` model's of the same point and
   seed (timed interleaved, within ``--tol``); then fine-tuned;
 * ``reference``: the unpruned model fine-tuned with the same budget;
-* the option study, at ``--study-point`` only (task cls by default):
+* the option study, at ``--study-point`` only (named in ``--arms``):
   cpd_mm's options (``STUDY_ARMS``: the paper's selection ``cpd_paper``,
   the estimators, memory normalisation, mean over coupled layers, ranking
   by score) and TP's other group reductions and normalisers.
@@ -540,7 +540,7 @@ def parse_args(argv=None):
                    default=[0.3, 0.5, 0.7], help='latency share removed')
     p.add_argument('--study-point', type=float, default=0.5)
     p.add_argument('--arms', nargs='+', help='default: the reference, the '
-                   "main arms and (task cls) the option study")
+                   "main arms and the task's EXTRA_ARMS")
     p.add_argument('--width', type=int, help="the model's first-stage "
                    'channels (default: the task\'s)')
     p.add_argument('--num-train', type=int)
@@ -580,9 +580,8 @@ def parse_args(argv=None):
             setattr(args, k, osp.join(ROOT, d,
                                       f'selection_grid_{args.task}.{ext}'))
     if args.arms is None:
-        args.arms = list(ALL_ARMS if args.task == 'cls' else
-                         ('reference', *MAIN_ARMS, *getattr(
-                             task, 'EXTRA_ARMS', ())))
+        args.arms = ['reference', *MAIN_ARMS,
+                     *getattr(task, 'EXTRA_ARMS', ())]
     bad = sorted(set(args.arms) - set(ALL_ARMS))
     if bad:
         p.error(f'unknown arms {bad}: choose from {", ".join(ALL_ARMS)}')

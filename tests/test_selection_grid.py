@@ -179,3 +179,16 @@ def test_report_compares_at_equal_latency():
     assert c[0.7]['cpd_mm_at_tp_latency_minus_best_tp'] == pytest.approx(
         -0.5)
     assert sg.interpolate([(0.3, 1.0), (0.5, 2.0)], 0.6) is None
+
+
+@pytest.mark.parametrize('task', ['cls', 'seg', 'det'])
+def test_default_arms_are_the_main_grid(task, tmp_path):
+    """Without --arms every task runs the reference, the main arms and its
+    own extras, no option study: the README's one command gives the
+    committed main grid."""
+    args = sg.parse_args(['run', '--task', task, '--work-dir',
+                          str(tmp_path)])
+    extra = tuple(getattr(sg.load_task(task), 'EXTRA_ARMS', ()))
+    assert args.arms == ['reference', *sg.MAIN_ARMS, *extra]
+    assert not set(args.arms) & set(sg.STUDY_ARMS)
+    assert {a for a, _, _ in sg.jobs(args)} == set(args.arms)
