@@ -7,9 +7,11 @@ against Torch-Pruning's (TP), on tasks where selection matters.
 
 A task is a module ``selection_task_<task>.py`` (data, model, loss,
 metric, defaults; ``cls``: 24-class ``fine_shapes`` with a half-width
-ResNet-18). Its baseline is trained once (``--base-epochs``); every arm
-starts from it, gets the same fine-tuning budget (``--epochs``, no
-distillation in any arm) and is evaluated on the same validation set.
+ResNet-18; ``cls40``: the same classifier on 40 classes). Its baseline is
+trained once (``--base-epochs``; with ``--per-seed-baseline``, the
+default of ``cls40``, once per seed); every arm starts from it, gets the
+same fine-tuning budget (``--epochs``, no distillation in any arm) and is
+evaluated on the same validation set.
 Arms (see ``selection_arms.py``):
 
 * ``cpd_mm``: CPDPruningHook's default selection (``CPD_OPTIONS``), latency
@@ -130,57 +132,81 @@ def append_result(path, row):
 BASE_SEED = 1234  # the baseline's initial weights and data order
 
 
-def new_baseline_model(task, width):
+def new_baseline_model(task, width, seed=BASE_SEED):
     """The task's model with the same initial weights in every process:
-    built under ``BASE_SEED`` (torch's global RNG starts from another seed
-    in every process), the global RNG left as it was."""
+    built under ``seed`` (torch's global RNG starts from another seed in
+    every process), the global RNG left as it was."""
     import torch
     with torch.random.fork_rng():
-        torch.manual_seed(BASE_SEED)
+        torch.manual_seed(seed)
         return task.build_model(width)
+
+
+def baseline_seed(args, seed):
+    """The seed of the baseline run ``seed`` starts from (its initial
+    weights and data order)."""
+    return BASE_SEED + seed if args.per_seed_baseline else BASE_SEED
 
 
 class Grid:
     """The shared start (data, trained baseline, latency table) and one
     method per kind of arm."""
 
-    def __init__(self, args):
-        import torch
+    def __init__(self, args, seed):
         import selection_arms as sa
         self.args, self.sa = args, sa
         self.task = task = load_task(args.task)
         os.makedirs(args.work_dir, exist_ok=True)
         self.data = task.load_data(args.work_dir, args.num_train,
                                    args.num_val)
-        path = baseline_path(args)
-        self.base = new_baseline_model(task, args.width)
-        if osp.exists(path):
-            self.base.load_state_dict(torch.load(path))
-        else:
-            t = time.time()
-            sa.train(task, self.base, self.data, args.base_epochs,
-                     args.base_lr, seed=BASE_SEED)
-            torch.save(self.base.state_dict(), path + '.tmp')
-            os.replace(path + '.tmp', path)
-            print(f'baseline trained in {time.time() - t:.0f} s', flush=True)
-        self.base_score = task.evaluate(self.base, self.data)
-        print(f'baseline {task.METRIC} {self.base_score:.2f}', flush=True)
+        self.bases = {}
+        # the latency table and the timings depend on the graph, not on
+        # the weights: one baseline serves every seed's
+        self.base = self.baseline(seed)
         self.table = sa.latency_table(task, self.base)
         self.timer = sa.Timer(task)
         self.base_sess = self.timer.session(self.base)
+
+    def baseline(self, seed):
+        """The trained baseline seed ``seed``'s arms start from: one for
+        every seed, or with ``per_seed_baseline`` one per seed (its own
+        initial weights and data order), so that a cell's seeds are
+        independent draws. Trained on first use, kept in the work
+        directory."""
+        import torch
+        bseed = baseline_seed(self.args, seed)
+        if bseed in self.bases:
+            return self.bases[bseed][0]
+        path = baseline_path(self.args, seed)
+        base = new_baseline_model(self.task, self.args.width, bseed)
+        if osp.exists(path):
+            base.load_state_dict(torch.load(path))
+        else:
+            t = time.time()
+            self.sa.train(self.task, base, self.data, self.args.base_epochs,
+                          self.args.base_lr, seed=bseed)
+            torch.save(base.state_dict(), path + '.tmp')
+            os.replace(path + '.tmp', path)
+            print(f'baseline (seed {bseed}) trained in {time.time() - t:.0f}'
+                  ' s', flush=True)
+        score = self.task.evaluate(base, self.data)
+        print(f'baseline (seed {bseed}) {self.task.METRIC} {score:.2f}',
+              flush=True)
+        self.bases[bseed] = (base, score)
+        return base
 
     def model_path(self, arm, point, seed):
         return osp.join(self.args.work_dir, 'models', f'{self.args.task}_w'
                         f'{self.args.width}_{arm}_{point}_{seed}.pth')
 
-    def start(self):
+    def start(self, seed):
         import copy
-        return copy.deepcopy(self.base)
+        return copy.deepcopy(self.baseline(seed))
 
     def cpd(self, arm, point, seed):
         opts = dict(self.sa.CPD_OPTIONS, **STUDY_ARMS.get(arm, {}))
         model, plan, info = self.sa.cpd_prune(
-            self.task, self.start(), self.data, point, self.args.epochs,
+            self.task, self.start(seed), self.data, point, self.args.epochs,
             self.args.lr, seed, self.args.round_to, self.table,
             interval=self.args.interval, **opts)
         return model, dict(info, options=opts, plan=plan)
@@ -204,12 +230,12 @@ class Grid:
                 f"cpd_mm's line of that run from {self.args.results} and run "
                 'again')
         target = self.timer.session(self.load_pruned('cpd_mm', point, seed))
-        stats = sa.tp_statistics(self.task, self.base, self.data, kind,
-                                 seed)
+        base = self.baseline(seed)
+        stats = sa.tp_statistics(self.task, base, self.data, kind, seed)
         lo, hi, best, trials = 0.0, 0.95, None, []
         for _ in range(self.args.max_bisect):
             ratio = round((lo + hi) / 2, 4)
-            model, _ = sa.tp_prune(self.task, self.base, kind, ratio, stats,
+            model, _ = sa.tp_prune(self.task, base, kind, ratio, stats,
                                    self.args.round_to, **imp_options)
             ms = self.timer.time([target, self.timer.session(model)],
                                  runs=self.args.runs // 2)
@@ -227,7 +253,7 @@ class Grid:
                            tp_vs_cpd_at_selection=rel, trials=trials)
 
     def reference(self, arm, point, seed):
-        model = self.start()
+        model = self.start(seed)
         self.sa.train(self.task, model, self.data, self.args.epochs,
                       self.args.lr, seed)
         return model, {}
@@ -252,7 +278,7 @@ class Grid:
                              runs=self.args.runs)
         row = dict(key=run_key, task=self.args.task, arm=arm, point=point,
                    seed=seed, metric=self.task.METRIC, score=score,
-                   base_score=self.base_score, ms=ms[1], base_ms=ms[0],
+                   base_score=self.bases[baseline_seed(self.args, seed)][1], ms=ms[1], base_ms=ms[0],
                    rel_latency=ms[1] / ms[0],
                    **model_complexity(model, (1, 3, *self.task.SHAPE)),
                    seconds=round(time.time() - t), **info,
@@ -260,10 +286,12 @@ class Grid:
         return row
 
 
-def baseline_path(args):
-    """The trained baseline every arm starts from (and is timed against)."""
+def baseline_path(args, seed):
+    """The trained baseline the arms of ``seed`` start from (and are timed
+    against)."""
+    tail = f'_s{seed}' if args.per_seed_baseline else ''
     return osp.join(args.work_dir, f'{args.task}_baseline_w{args.width}'
-                    f'_n{args.num_train}_e{args.base_epochs}.pth')
+                    f'_n{args.num_train}_e{args.base_epochs}{tail}.pth')
 
 
 def final_path(args, run_key):
@@ -280,6 +308,8 @@ def setup(args):
                num_val=args.num_val,
                base_epochs=args.base_epochs, epochs=args.epochs, lr=args.lr,
                round_to=args.round_to, interval=args.interval, kd='none')
+    if args.per_seed_baseline:  # (absent from the one-baseline setups)
+        out['per_seed_baseline'] = True
     task = load_task(args.task)
     if hasattr(task, 'optimizer'):  # the task's own, not the generic SGD
         out['optimizer'] = f'{task.__name__}.optimizer'
@@ -322,7 +352,7 @@ def run(args):
     if not todo:
         return
     claim_work_dir(args)
-    grid = Grid(args)
+    grid = Grid(args, todo[0][2])
     for arm, point, seed in todo:
         row = grid.run(arm, point, seed)
         append_result(args.results, row)
@@ -451,7 +481,8 @@ def remeasure(args):
                                          weights_only=False)) for k in keys]
     # timed against the trained baseline, as in the runs: the same graph
     # with random weights runs at another speed (the detector's ~2% faster)
-    path = baseline_path(args)
+    path = next((p for p in (baseline_path(args, s) for s in args.seeds)
+                 if osp.exists(p)), baseline_path(args, args.seeds[0]))
     if not osp.exists(path):
         sys.exit(f'remeasure times every model against the trained baseline '
                  f'{path}, which is not there: pass the --work-dir (and '
@@ -549,6 +580,8 @@ def parse_args(argv=None):
     p.add_argument('--base-lr', type=float)
     p.add_argument('--epochs', type=int, help='fine-tuning budget')
     p.add_argument('--lr', type=float)
+    p.add_argument('--per-seed-baseline', action='store_true', default=None,
+                   help='one baseline per seed (default: the task\'s)')
     p.add_argument('--round-to', type=int, help='channel multiple of every '
                    'arm (onnxruntime CPU convolutions work in blocks of 16)')
     p.add_argument('--interval', type=int, default=16,
@@ -570,7 +603,7 @@ def parse_args(argv=None):
         task = load_task(args.task)
     except ImportError as e:
         p.error(f'no task module for --task {args.task!r} ({e})')
-    for k, v in task.DEFAULTS.items():
+    for k, v in dict(dict(per_seed_baseline=False), **task.DEFAULTS).items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
     for k, d, ext in (('results', 'benchmarks', 'jsonl'),

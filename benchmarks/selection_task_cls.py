@@ -23,21 +23,26 @@ DEFAULTS = dict(width=32, num_train=7200, num_val=2400, base_epochs=48,
                 base_lr=0.1, epochs=3, lr=0.02, batch=64, round_to=16)
 
 
-def load_data(cache_dir, num_train, num_val):
+def load_data(cache_dir, num_train, num_val, textures=None):
     """``(train_x, train_y, val_x, val_y)`` uint8 / int64 tensors, drawn
-    once and cached as ``.npz`` under ``cache_dir``."""
-    from cpd_mm.datasets.fine_shapes import make_fine_shapes
-    path = osp.join(cache_dir, f'fine_shapes_{num_train}_{num_val}.npz')
+    once and cached as ``.npz`` under ``cache_dir``; ``textures``: the
+    class textures of ``make_fine_shapes`` (default its three)."""
+    from cpd_mm.datasets.fine_shapes import FINE_TEXTURES, make_fine_shapes
+    textures = tuple(textures or FINE_TEXTURES)
+    tag = '' if textures == FINE_TEXTURES else '_' + '-'.join(textures)
+    path = osp.join(cache_dir, f'fine_shapes{tag}_{num_train}_{num_val}.npz')
     if not osp.exists(path):
-        tx, ty = make_fine_shapes('train', num_train, size=SHAPE[0])
-        vx, vy = make_fine_shapes('val', num_val, size=SHAPE[0])
+        tx, ty = make_fine_shapes('train', num_train, size=SHAPE[0],
+                                  textures=textures)
+        vx, vy = make_fine_shapes('val', num_val, size=SHAPE[0],
+                                  textures=textures)
         np.savez(path + '.tmp.npz', tx=tx, ty=ty, vx=vx, vy=vy)
         os.replace(path + '.tmp.npz', path)
     d = np.load(path)
     return tuple(torch.from_numpy(d[k]) for k in ('tx', 'ty', 'vx', 'vy'))
 
 
-def build_model(width=32):
+def build_model(width=32, num_classes=NUM_CLASSES):
     """MMPretrain's ResNet-18 classifier with ``width`` stem and first-stage
     channels (64 upstream; 32: 32..256, 37 MFLOPs at 64x64)."""
     from mmengine.registry import DefaultScope
@@ -50,7 +55,7 @@ def build_model(width=32):
             backbone=dict(type='ResNet', depth=18, stem_channels=width,
                           base_channels=width),
             neck=dict(type='GlobalAveragePooling'),
-            head=dict(type='LinearClsHead', num_classes=NUM_CLASSES,
+            head=dict(type='LinearClsHead', num_classes=num_classes,
                       in_channels=8 * width)))
 
 

@@ -5,6 +5,7 @@ arguments (every arm and every rerun sees one data set), and
 ``benchmarks/selection_grid.py run`` must skip the runs its results file
 already holds (a grid killed after hours continues, it does not restart).
 """
+import hashlib
 import json
 import os.path as osp
 import sys
@@ -53,6 +54,30 @@ def test_baseline_starts_from_the_same_weights_in_every_process():
     assert torch.equal(torch.rand(3), after)
 
 
+def test_per_seed_baselines(tmp_path):
+    """With ``per_seed_baseline`` every seed starts from its own baseline
+    (its own file, initial weights and data order); without it every seed
+    shares one, and the one-baseline setups' records are unchanged."""
+    import torch
+    work = ['--work-dir', str(tmp_path)]
+    one = sg.parse_args(['run', '--task', 'cls'] + work)
+    many = sg.parse_args(['run', '--task', 'cls40'] + work)
+    assert not one.per_seed_baseline and many.per_seed_baseline
+    assert sg.parse_args(['run', '--task', 'cls', '--per-seed-baseline']
+                         + work).per_seed_baseline
+    assert {sg.baseline_seed(one, s) for s in (0, 1, 2)} == {sg.BASE_SEED}
+    assert len({sg.baseline_seed(many, s) for s in (0, 1, 2)}) == 3
+    assert len({sg.baseline_path(one, s) for s in (0, 1, 2)}) == 1
+    assert len({sg.baseline_path(many, s) for s in (0, 1, 2)}) == 3
+    assert 'per_seed_baseline' not in sg.setup(one)
+    assert sg.setup(many)['per_seed_baseline'] is True
+    task = sg.load_task('cls40')
+    a, b = (sg.new_baseline_model(task, 8, sg.baseline_seed(many, s))
+            for s in (0, 1))
+    assert not torch.equal(a.backbone.conv1.weight, b.backbone.conv1.weight)
+    assert a.head.fc.out_features == 40
+
+
 @pytest.mark.parametrize('task,other', [('cls', 'mmseg'),
                                         ('seg', 'mmpretrain')])
 def test_task_models_build_under_another_default_scope(task, other):
@@ -71,6 +96,25 @@ def test_fine_shapes_rejects_bad_input():
         make_fine_shapes('test', 2)
     with pytest.raises(ValueError, match='num must be'):
         make_fine_shapes('val', 0)
+    for bad in (('stripes', 'plaid'), ('dots', 'dots'), ()):
+        with pytest.raises(ValueError, match='textures must be'):
+            make_fine_shapes('val', 2, textures=bad)
+
+
+def test_fine_shapes_with_more_textures():
+    """Task cls40's set: 8 shapes x 5 textures, balanced labels; the
+    default set's images are not changed by the option."""
+    tex = ('stripes', 'checker', 'dots', 'waves', 'solid')
+    x, y = make_fine_shapes('val', 80, seed=3, textures=tex)
+    assert y.tolist() == list(range(40)) * 2
+    assert fine_class_names(tex)[-1] == 'crescent_solid'
+    assert np.array_equal(x[:4], make_fine_shapes('val', 4, seed=3,
+                                                  textures=tex)[0])
+    d, _ = make_fine_shapes('val', 4, seed=3)
+    assert not np.array_equal(d[3], x[3])  # square_stripes vs disk_waves
+    # the default set is the one the committed cls grids were run on
+    assert hashlib.sha256(d.tobytes()).hexdigest()[:16] == \
+        'b23daccbc90df552'
 
 
 class _FakeGrid:
@@ -78,7 +122,7 @@ class _FakeGrid:
     for and returns a row for each."""
     ran = []
 
-    def __init__(self, args):
+    def __init__(self, args, seed):
         pass
 
     def run(self, arm, point, seed):
