@@ -225,7 +225,7 @@ def test_report_compares_at_equal_latency():
     assert sg.interpolate([(0.3, 1.0), (0.5, 2.0)], 0.6) is None
 
 
-@pytest.mark.parametrize('task', ['cls', 'seg', 'det'])
+@pytest.mark.parametrize('task', ['cls', 'cls40', 'seg', 'det'])
 def test_default_arms_are_the_main_grid(task, tmp_path):
     """Without --arms every task runs the reference, the main arms and its
     own extras, no option study: the README's one command gives the
