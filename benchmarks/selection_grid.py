@@ -278,8 +278,8 @@ class Grid:
                              runs=self.args.runs)
         row = dict(key=run_key, task=self.args.task, arm=arm, point=point,
                    seed=seed, metric=self.task.METRIC, score=score,
-                   base_score=self.bases[baseline_seed(self.args, seed)][1], ms=ms[1], base_ms=ms[0],
-                   rel_latency=ms[1] / ms[0],
+                   base_score=self.bases[baseline_seed(self.args, seed)][1],
+                   ms=ms[1], base_ms=ms[0], rel_latency=ms[1] / ms[0],
                    **model_complexity(model, (1, 3, *self.task.SHAPE)),
                    seconds=round(time.time() - t), **info,
                    setup=setup(self.args))
@@ -603,7 +603,7 @@ def parse_args(argv=None):
         task = load_task(args.task)
     except ImportError as e:
         p.error(f'no task module for --task {args.task!r} ({e})')
-    for k, v in dict(dict(per_seed_baseline=False), **task.DEFAULTS).items():
+    for k, v in {'per_seed_baseline': False, **task.DEFAULTS}.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
     for k, d, ext in (('results', 'benchmarks', 'jsonl'),

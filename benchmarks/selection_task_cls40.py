@@ -9,8 +9,6 @@ cell's three seeds start from three independently trained models.
 Data, augmentation, loss and metric are task ``cls``'s; only the class set
 and the recipe differ.
 """
-import torch
-
 import selection_task_cls as _cls
 from selection_task_cls import (augment, batches, evaluate,  # noqa: F401
                                 example, forward, loss, normalise,
