@@ -396,12 +396,41 @@ def interpolate(curve, x):
     return None
 
 
-def compare(summary, tp_arms=tuple(TP_OPTIONS)):
+def paired(rows, arm, point):
+    """Seed by seed, cpd_mm's lead over ``arm`` at ``point``: cpd_mm's
+    curve of the same seed (its reference as the unpruned end) read at
+    that seed's TP latency, less TP's score; the seeds share a start and a
+    data order, so their differences, not the spread of the two means,
+    tell a lead from seed noise. Mean, standard error and the seeds ahead;
+    None where no seed has both."""
+    by_seed = {}
+    for seed in sorted({r['seed'] for r in rows}):
+        mine = [r for r in rows if r['seed'] == seed]
+        tp = next((r for r in mine if (r['arm'], r['point']) ==
+                   (arm, point)), None)
+        own = next((r for r in mine if (r['arm'], r['point']) ==
+                    ('cpd_mm', point)), None)
+        if tp is None or own is None:
+            continue
+        curve = [(r['rel_latency'], r['score']) for r in mine
+                 if r['arm'] in ('cpd_mm', 'reference')]
+        at = interpolate(curve, tp['rel_latency'])
+        by_seed[seed] = (own['score'] if at is None else at) - tp['score']
+    if not by_seed:
+        return None
+    d = list(by_seed.values())
+    return dict(by_seed=by_seed, mean=statistics.mean(d),
+                se=statistics.stdev(d) / len(d) ** 0.5 if len(d) > 1
+                else None, seeds_ahead=f'{sum(x > 0 for x in d)}/{len(d)}')
+
+
+def compare(summary, tp_arms=tuple(TP_OPTIONS), rows=None):
     """Per latency point: cpd_mm's mean against TP's best arm there, the
     one closest to (or above) cpd_mm's curve read at TP's own measured
     latency (where TP could not reach cpd_mm's latency, its raw score is
     no measure: a slower model scores higher), and the same-budget
-    reference."""
+    reference. With the ``rows``, also the seed-by-seed (paired) lead over
+    that arm."""
     cells = {(s['arm'], s['point']): s for s in summary}
     cpd = [s for s in summary if s['arm'] == 'cpd_mm']
     ref = next((s for s in summary if s['arm'] == 'reference'), None)
@@ -433,6 +462,9 @@ def compare(summary, tp_arms=tuple(TP_OPTIONS)):
                        cpd_mm_at_tp_latency=at,
                        cpd_mm_at_tp_latency_minus_best_tp=None if at is None
                        else at - best['score_mean'])
+            if rows is not None:
+                row['paired_vs_best_tp'] = paired(rows, best['arm'],
+                                                  c['point'])
         out.append(row)
     return out
 
@@ -515,7 +547,7 @@ def report(args):
                 r['rel_latency_run'] = r['rel_latency']
                 r['rel_latency'] = again[r['key']]['rel_latency']
     summary = summarise(rows, args.tol)
-    comparison = compare(summary)
+    comparison = compare(summary, rows=rows)
     out = dict(results=osp.relpath(args.results, ROOT), runs=len(rows),
                summary=summary, comparison=comparison)
     with open(args.json, 'w') as f:
@@ -538,9 +570,9 @@ def report(args):
               f'{s["score_mean"]:.2f} ({s["score_min"]:.2f}-'
               f'{s["score_max"]:.2f}) | {s["rel_latency_mean"]:.3f} |')
     print('\n| point | cpd_mm | best TP arm | TP | TP latency (matched '
-          'seeds) | cpd_mm - TP | cpd_mm at TP latency - TP | cpd_mm - '
-          'reference |')
-    print('|---|---|---|---|---|---|---|---|')
+          'seeds) | cpd_mm - TP | cpd_mm at TP latency - TP | paired, '
+          'seed by seed: mean +- s.e. (seeds ahead) | cpd_mm - reference |')
+    print('|---|---|---|---|---|---|---|---|---|')
     for c in comparison:
         cells = [c['point'], f'{c["cpd_mm"]:.2f} at '
                  f'{c["cpd_mm_rel_latency"]:.3f}']
@@ -551,8 +583,11 @@ def report(args):
                       f'({c["best_tp_matched"]})',
                       f'{c["cpd_mm_minus_best_tp"]:+.2f}',
                       '-' if at is None else f'{at:+.2f}']
+            p = c.get('paired_vs_best_tp')
+            cells.append('-' if p is None else f'{p["mean"]:+.2f} +- '
+                         f'{p["se"] or 0:.2f} ({p["seeds_ahead"]})')
         else:
-            cells += ['-'] * 5
+            cells += ['-'] * 6
         cells.append('-' if c['reference'] is None else
                      f'{c["cpd_mm_minus_reference"]:+.2f}')
         print('| ' + ' | '.join(map(str, cells)) + ' |')

@@ -223,6 +223,20 @@ def test_report_compares_at_equal_latency():
     assert c[0.7]['cpd_mm_at_tp_latency_minus_best_tp'] == pytest.approx(
         -0.5)
     assert sg.interpolate([(0.3, 1.0), (0.5, 2.0)], 0.6) is None
+    # seed by seed: each seed's own curve at its own TP latency
+    c = {r['point']: r for r in sg.compare(summary, rows=rows)}
+    p = c[0.5]['paired_vs_best_tp']
+    assert p['by_seed'] == pytest.approx({0: 0.5, 1: 0.5})
+    assert p['se'] == pytest.approx(0.0) and p['seeds_ahead'] == '2/2'
+    # at 0.4: seed 0's curve 44.0 (45 for TP), seed 1's 45.0 (45)
+    p = c[0.7]['paired_vs_best_tp']
+    assert p['by_seed'] == pytest.approx({0: -1.0, 1: 0.0})
+    assert p['mean'] == pytest.approx(-0.5)
+    assert p['se'] == pytest.approx(0.5) and p['seeds_ahead'] == '0/2'
+    # a seed without its cpd_mm run is left out, not read off another's
+    p = sg.paired([r for r in rows if (r['arm'], r['seed']) !=
+                   ('cpd_mm', 1)], 'tp_taylor', 0.7)
+    assert p['by_seed'] == pytest.approx({0: -1.0}) and p['se'] is None
 
 
 @pytest.mark.parametrize('task', ['cls', 'cls40', 'seg', 'det'])
