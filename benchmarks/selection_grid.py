@@ -556,12 +556,15 @@ def report(args):
     title = getattr(task, 'TITLE', args.task)
     plot(summary, args.plot, MAIN_ARMS, f'{title}: {task.METRIC} at '
          'measured latency', task.METRIC)
-    if any(s['arm'] in STUDY_ARMS or s['arm'] in TP_STUDY
-           for s in summary):
+    # the points the study ran at, from its rows (not --study-point)
+    points = sorted({s['point'] for s in summary
+                     if s['arm'] in STUDY_ARMS or s['arm'] in TP_STUDY})
+    if points:
+        at = ', '.join(f'{p:.0%}' for p in points)
         plot(summary, args.plot.replace('.png', '_study.png'),
              ('cpd_mm', *STUDY_ARMS, *TP_ARMS, *TP_STUDY),
-             f'{title}: options at {args.study_point:.0%} of the '
-             'latency removed', task.METRIC)
+             f'{title}:\noptions at {at} of the latency removed',
+             task.METRIC)
     print(f'| arm | point | seeds | {task.METRIC} mean (min-max) | '
           'latency / base |')
     print('|---|---|---|---|---|')
