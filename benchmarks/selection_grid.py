@@ -587,8 +587,9 @@ def report(args):
                       f'{c["cpd_mm_minus_best_tp"]:+.2f}',
                       '-' if at is None else f'{at:+.2f}']
             p = c.get('paired_vs_best_tp')
-            cells.append('-' if p is None else f'{p["mean"]:+.2f} +- '
-                         f'{p["se"] or 0:.2f} ({p["seeds_ahead"]})')
+            se = '-' if p is None or p['se'] is None else f'{p["se"]:.2f}'
+            cells.append('-' if p is None else f'{p["mean"]:+.2f} +- {se} '
+                         f'({p["seeds_ahead"]})')
         else:
             cells += ['-'] * 6
         cells.append('-' if c['reference'] is None else
